@@ -1,0 +1,127 @@
+"""Frozen, validated configuration. Built once from the CLI (see ``server.py``); never mutated.
+
+Variants are made with ``dataclasses.replace``, which re-runs validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import ConfigError
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_port(name: str, port: int, allow_zero: bool = True) -> None:
+    low = 0 if allow_zero else 1
+    _check(low <= port <= 65535, f"{name} must be in {low}..65535, got {port}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The ``--scheduler-*`` flags, with FastDeploy's names and meanings, plus our timings."""
+
+    name: Literal["local", "global"] = "local"  # "global" = join the cluster and steal
+    host: str = "127.0.0.1"  # Redis host
+    port: int = 6379  # Redis port
+    db: int = 0
+    password: str = ""
+    topic: str = "default"  # namespace: only nodes with the same topic steal from each other
+    ttl: float = 900.0  # longest a request may wait or stay leased before its client gets an error
+    min_load_score: int = 3  # a peer is a victim only with at least this many pending requests
+    load_shards_num: int = 1  # load index split into this many sorted sets
+    heartbeat_interval: float = 1.0  # registry refresh; the node record expires after 3 of these
+    lease_timeout: float = 3.0  # a stolen request silent this long is taken back by its origin
+    steal_timeout: float = 0.25  # a steal RPC unanswered this long moves on to the next peer
+    recheck_interval: float = 0.5  # idle nodes re-check for work at least this often
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("local", "global"), f"scheduler name must be local or global, got {self.name!r}")
+        _check(bool(self.host), "scheduler host must not be empty")
+        _check_port("scheduler port", self.port, allow_zero=False)
+        _check(0 <= self.db <= 65535, f"scheduler db must be >= 0, got {self.db}")
+        _check(bool(self.topic) and len(self.topic) <= 128, "scheduler topic must be 1..128 characters")
+        _check(not any(c in self.topic for c in "{}: \t\n"), "scheduler topic must not contain '{', '}', ':' or whitespace")
+        _check(self.ttl > 0, f"scheduler ttl must be > 0 seconds, got {self.ttl}")
+        _check(self.min_load_score >= 1, f"scheduler min load score must be >= 1, got {self.min_load_score}")
+        _check(1 <= self.load_shards_num <= 1024, f"scheduler load shards must be in 1..1024, got {self.load_shards_num}")
+        for name in ("heartbeat_interval", "lease_timeout", "steal_timeout", "recheck_interval"):
+            _check(getattr(self, name) > 0, f"{name.replace('_', ' ')} must be > 0 seconds")
+
+    @property
+    def is_global(self) -> bool:
+        return self.name == "global"
+
+    @property
+    def registry_record_ttl(self) -> float:
+        """Seconds a node record lives in Redis without a heartbeat."""
+        return 3 * self.heartbeat_interval
+
+    @property
+    def thief_heartbeat_interval(self) -> float:
+        """A thief renews each lease three times per lease timeout."""
+        return self.lease_timeout / 3
+
+
+@dataclass(frozen=True)
+class SimEngineConfig:
+    """Cost model of the simulated engine (no model, tokens from a hash)."""
+
+    vocab_size: int = 32000
+    max_model_len: int = 4096
+    prefill_ms_per_token: float = 0.02
+    decode_step_ms: float = 2.0  # a decode step with one short sequence
+    decode_ms_per_seq: float = 0.2  # extra per sequence in the batch
+    decode_ms_per_kilotoken: float = 0.05  # extra per 1000 tokens of context in the batch
+    kv_tokens: int = 65536  # KV capacity in tokens: prompt + max_tokens are reserved per request
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.vocab_size <= 1 << 24, "sim vocab size must be in 2..16M")
+        _check(self.max_model_len >= 2, "sim max model len must be >= 2")
+        for name in ("prefill_ms_per_token", "decode_step_ms", "decode_ms_per_seq", "decode_ms_per_kilotoken"):
+            _check(getattr(self, name) >= 0, f"sim {name.replace('_', ' ')} must be >= 0")
+        _check(self.kv_tokens >= self.max_model_len, "sim kv tokens must hold at least one full-length request")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One node: HTTP surface, ZeroMQ endpoints, engine limits and the scheduler."""
+
+    host: str = "127.0.0.1"  # bind address for HTTP and ZeroMQ
+    advertise_host: str = ""  # address peers use to reach us; defaults to host
+    port: int = 8000  # HTTP
+    steal_port: int = 0  # 0 = an ephemeral port
+    result_port: int = 0
+    node_name: str = ""
+    engine: Literal["sim"] = "sim"
+    max_num_seqs: int = 8
+    max_queue_len: int = 4096  # pending requests beyond this get 503 + Retry-After
+    max_tokens_cap: int = 4096
+    model: str = "sim"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sim: SimEngineConfig = field(default_factory=SimEngineConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host), "host must not be empty")
+        _check_port("port", self.port)
+        _check_port("steal port", self.steal_port)
+        _check_port("result port", self.result_port)
+        _check(self.engine == "sim", f"engine must be 'sim', got {self.engine!r}")
+        _check(1 <= self.max_num_seqs <= 4096, f"max num seqs must be in 1..4096, got {self.max_num_seqs}")
+        _check(self.max_queue_len >= 1, "max queue len must be >= 1")
+        _check(self.max_tokens_cap >= 1, "max tokens cap must be >= 1")
+        _check(len(self.node_name) <= 128, "node name must be at most 128 characters")
+
+    @property
+    def public_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    def with_scheduler(self, **changes: object) -> NodeConfig:
+        return dataclasses.replace(self, scheduler=dataclasses.replace(self.scheduler, **changes))  # type: ignore[arg-type]

@@ -1,0 +1,138 @@
+"""The engine interface the scheduler drives, and the thread that runs it.
+
+Any engine (the simulated one here, the real one in ``server/``) implements ``Engine``: plain,
+synchronous, single-owner. ``EngineRunner`` owns the engine in one dedicated thread: the event
+loop hands it requests and aborts through a thread-safe inbox, and receives each step's
+outputs through ``loop.call_soon_threadsafe``. The loop never waits on a step; the step never
+waits on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .protocol import FinishReason, Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_num_seqs: int
+    max_kv_tokens: int  # prompt + output tokens the KV cache holds across all sequences
+    max_model_len: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    # Tokens already delivered to the client by an earlier attempt; generation resumes after them.
+    output_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV tokens this request can grow to: what admission control reserves for it."""
+        return len(self.prompt_token_ids) + self.sampling.max_tokens
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+class Engine(Protocol):
+    model_id: str
+
+    @property
+    def limits(self) -> EngineLimits: ...
+
+    def add(self, request: EngineRequest) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> list[EngineOutput]: ...
+
+
+StepCallback = Callable[[list[EngineOutput], float], None]
+
+
+class EngineRunner:
+    """Runs ``engine.step()`` in a dedicated thread; ``on_outputs(outputs, busy_s)`` on the loop."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_outputs: StepCallback):
+        self._engine = engine
+        self._loop = loop
+        self._on_outputs = on_outputs
+        self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | str | None]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._failure: BaseException | None = None
+        self.stopped = asyncio.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, request: EngineRequest) -> None:
+        self._inbox.put(("add", request))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stop(self) -> None:
+        self._inbox.put(("stop", None))
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    def _drain(self, block: bool) -> bool:
+        """Apply inbox commands; return False once asked to stop."""
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "add":
+                assert isinstance(payload, EngineRequest)
+                self._engine.add(payload)
+            elif kind == "abort":
+                assert isinstance(payload, str)
+                self._engine.abort(payload)
+            else:
+                return False
+
+    def _run(self) -> None:
+        import time
+
+        try:
+            while self._drain(block=not self._engine.has_work()):
+                if not self._engine.has_work():
+                    continue
+                started = time.perf_counter()
+                outputs = self._engine.step()
+                busy_s = time.perf_counter() - started
+                self._loop.call_soon_threadsafe(self._on_outputs, outputs, busy_s)
+        except BaseException as exc:  # surfaced to the node, which fails its requests and exits
+            log.exception("engine thread crashed")
+            self._failure = exc
+        finally:
+            self._loop.call_soon_threadsafe(self.stopped.set)

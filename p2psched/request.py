@@ -1,0 +1,75 @@
+"""An accepted request as its origin sees it, and the state machine it moves through.
+
+    PENDING --admit--> RUNNING --finish--> FINISHED
+    PENDING --grant--> LEASED  --finish--> FINISHED
+    LEASED  --lease expired--> PENDING (pinned: the origin finishes it itself)
+    any live state --> FAILED (deadline, engine failure) | CANCELLED (client gone)
+
+Transitions are data (``TRANSITIONS``); anything else raises ``IllegalTransition``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .errors import IllegalTransition
+from .protocol import Sampling
+
+
+class State(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    LEASED = "leased"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_ENDS = {State.FINISHED, State.FAILED, State.CANCELLED}
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.RUNNING, State.LEASED, State.FAILED, State.CANCELLED}),
+    State.RUNNING: frozenset({State.FINISHED, State.FAILED, State.CANCELLED}),
+    State.LEASED: frozenset({State.PENDING, State.FINISHED, State.FAILED, State.CANCELLED}),
+    State.FINISHED: frozenset(),
+    State.FAILED: frozenset(),
+    State.CANCELLED: frozenset(),
+}
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    arrival: float
+    deadline: float  # while pending or leased; a request running here has no deadline
+    state: State = State.PENDING
+    delivered_token_ids: list[int] = field(default_factory=list)
+    epoch: int = 0  # bumped each time a lease is fenced
+    attempts: int = 1
+    is_pinned: bool = False  # never granted to a thief (resumed, or itself stolen)
+    served_by: str = ""  # node name that produced the latest tokens
+    origin_id: str = ""  # for stolen-in requests: the node to stream tokens to
+
+    @property
+    def is_done(self) -> bool:
+        return self.state in _ENDS
+
+    @property
+    def remaining_tokens(self) -> int:
+        return max(0, self.sampling.max_tokens - len(self.delivered_token_ids))
+
+    @property
+    def work_tokens(self) -> int:
+        """Tokens of work left: what load and grant sizing count."""
+        return len(self.prompt_token_ids) + len(self.delivered_token_ids) + self.remaining_tokens
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_token_ids) + self.sampling.max_tokens
+
+    def transition(self, new: State) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"request {self.request_id}: {self.state.value} -> {new.value}")
+        self.state = new

@@ -1,0 +1,383 @@
+"""The node's scheduler core: synchronous, no I/O, the clock passed in.
+
+Events come in as method calls (a client submits, the engine stepped, a peer's message
+arrived, time passed); each returns ``Effects``, the instructions the async node carries out
+(stream events to clients, hand requests to the engine, send messages to peers). One instance
+plays both roles of the protocol:
+
+- origin/victim: own requests wait in ``pending``; thieves take some via ``on_steal``; their
+  token streams come back through ``on_tokens`` under leases (see ``leases.py``).
+- thief: ``on_grant`` takes tasks, which run here pinned; engine output for them becomes
+  ``Tokens`` messages, one per origin per step (see ``thief.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import PROTOCOL_VERSION
+from .engine import EngineLimits, EngineOutput, EngineRequest
+from .errors import RequestRejected
+from .leases import LeaseTable, Verdict
+from .policy import select_grant
+from .protocol import (Ack, Cancel, FinishReason, Grant, Heartbeat, HeartbeatAck, Message,
+                       Sampling, Steal, Task, TokenItem, Tokens)
+from .request import Request, State
+from .stats import Stats
+from .thief import RemoteTasks
+
+
+@dataclass
+class ClientEvent:
+    request_id: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    served_by: str = ""
+    attempts: int = 1
+
+    @property
+    def is_last(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass
+class Effects:
+    client: list[ClientEvent] = field(default_factory=list)
+    engine_add: list[EngineRequest] = field(default_factory=list)
+    engine_abort: list[str] = field(default_factory=list)
+    to_origin: list[tuple[str, Message]] = field(default_factory=list)  # (origin id, msg)
+    to_thief: list[tuple[str, Message]] = field(default_factory=list)  # (thief id, msg)
+
+    def extend(self, other: Effects) -> Effects:
+        self.client += other.client
+        self.engine_add += other.engine_add
+        self.engine_abort += other.engine_abort
+        self.to_origin += other.to_origin
+        self.to_thief += other.to_thief
+        return self
+
+
+@dataclass(frozen=True)
+class SchedulerParams:
+    node_id: str
+    node_name: str
+    model_id: str
+    limits: EngineLimits
+    ttl: float
+    lease_timeout: float
+    max_queue_len: int
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.lease_timeout / 3
+
+
+class Scheduler:
+    def __init__(self, params: SchedulerParams, stats: Stats | None = None):
+        self.params = params
+        self.stats = stats if stats is not None else Stats()
+        self.requests: dict[str, Request] = {}
+        self.pending: list[Request] = []
+        self.running: dict[str, Request] = {}
+        self.leases = LeaseTable(params.lease_timeout)
+        self.remote = RemoteTasks()
+        self.is_accepting_steals = True
+        self._reserved_tokens = 0
+        self._last_heartbeat = 0.0
+
+    # ---- load, as published to the registry and used to decide when to steal ----
+
+    @property
+    def free_slots(self) -> int:
+        return self.params.limits.max_num_seqs - len(self.running)
+
+    @property
+    def free_kv_tokens(self) -> int:
+        return self.params.limits.max_kv_tokens - self._reserved_tokens
+
+    def load(self) -> dict[str, int]:
+        return {
+            "pending": len(self.pending),
+            "pending_tokens": sum(r.work_tokens for r in self.pending),
+            "running": len(self.running),
+            "free_slots": self.free_slots,
+            "free_kv_tokens": self.free_kv_tokens,
+        }
+
+    def steal_capacity(self) -> tuple[int, int] | None:
+        """(requests, tokens) a steal may ask for now, or None when this node has no room."""
+        if self.pending or self.free_slots <= 0 or self.free_kv_tokens <= 0:
+            return None
+        return self.free_slots, self.free_kv_tokens
+
+    # ---- client side ----
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, now: float) -> Request:
+        if len(self.pending) >= self.params.max_queue_len:
+            raise RequestRejected("the server's queue is full; retry later", 503, "server_overloaded")
+        if len(prompt_token_ids) + sampling.max_tokens > self.params.limits.max_kv_tokens:
+            raise RequestRejected("prompt plus max_tokens exceed this server's KV capacity", 400)
+        request = Request(request_id, prompt_token_ids, sampling, now, now + self.params.ttl)
+        self.requests[request_id] = request
+        self.pending.append(request)
+        self.stats.received += 1
+        return request
+
+    def cancel(self, request_id: str, now: float, reason: str = "client_gone") -> Effects:
+        """The client went away: stop the request wherever it is."""
+        fx = Effects()
+        request = self.requests.get(request_id)
+        if request is None or request.is_done or request.origin_id:
+            return fx
+        self._end(request, State.CANCELLED, fx)
+        self.stats.cancelled += 1
+        return fx
+
+    # ---- engine side ----
+
+    def admit(self, now: float) -> Effects:
+        """Move pending requests into the engine while it has slots and KV room."""
+        fx = Effects()
+        while self.pending and self.free_slots > 0:
+            request = self.pending[0]
+            if request.reserved_tokens > self.free_kv_tokens:
+                break
+            self.pending.pop(0)
+            if request.remaining_tokens == 0:  # resumed after its last token was delivered
+                request.transition(State.RUNNING)
+                self._finish(request, "length", fx, now)
+                continue
+            request.transition(State.RUNNING)
+            self.running[request.request_id] = request
+            self._reserved_tokens += request.reserved_tokens
+            fx.engine_add.append(EngineRequest(request.request_id, request.prompt_token_ids,
+                                               request.sampling, list(request.delivered_token_ids)))
+        return fx
+
+    def on_engine_outputs(self, outputs: list[EngineOutput], busy_s: float, now: float) -> Effects:
+        fx = Effects()
+        self.stats.busy_s += busy_s
+        by_origin: dict[str, list[TokenItem]] = {}
+        for out in outputs:
+            request = self.running.get(out.request_id)
+            if request is None:
+                continue  # aborted while the step ran
+            request.delivered_token_ids += out.new_token_ids
+            if request.origin_id:
+                item = self.remote.item_for(request.request_id, out.new_token_ids, out.finish_reason, now)
+                if item is not None:
+                    by_origin.setdefault(request.origin_id, []).append(item)
+                if out.finish_reason is not None:
+                    self.stats.stolen_in_completed += 1
+                    self._release_running(request)
+                    request.transition(State.FINISHED)
+                    self.requests.pop(request.request_id, None)
+                continue
+            request.served_by = self.params.node_name
+            if out.finish_reason is not None:
+                self._finish(request, out.finish_reason, fx, now, out.new_token_ids)
+            else:
+                fx.client.append(ClientEvent(request.request_id, out.new_token_ids, served_by=request.served_by))
+        for origin_id, items in by_origin.items():
+            fx.to_origin.append((origin_id, self._tokens(items)))
+            self.stats.token_messages_sent += 1
+            self.stats.token_items_forwarded += len(items)
+        return fx.extend(self.admit(now))
+
+    def on_engine_failure(self, reason: str) -> Effects:
+        fx = Effects()
+        for request in list(self.requests.values()):
+            if not request.is_done:
+                self._end(request, State.FAILED, fx, error=f"engine failure: {reason}")
+        return fx
+
+    # ---- victim side: a thief asks for work ----
+
+    def on_steal(self, steal: Steal, now: float) -> Grant:
+        reason = "ok"
+        tasks: list[Task] = []
+        if not self.is_accepting_steals:
+            reason = "not_accepting"
+        elif steal.model_id != self.params.model_id:
+            reason = "model_mismatch"
+        else:
+            for request in select_grant(self.pending, steal.max_requests, steal.max_tokens):
+                self.pending.remove(request)
+                request.transition(State.LEASED)
+                self.leases.grant(request.request_id, steal.thief_id, steal.thief_name, request.epoch, now)
+                tasks.append(Task(request.request_id, self.params.node_id, self.params.node_name, request.epoch,
+                                  request.prompt_token_ids, list(request.delivered_token_ids),
+                                  request.sampling, request.deadline))
+            self.stats.stolen_out += len(tasks)
+            reason = "ok" if tasks else "empty"
+        return Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, tasks, len(self.pending), reason)
+
+    # ---- thief side: tasks arrive, run, stream back ----
+
+    def on_grant(self, grant: Grant, now: float) -> Effects:
+        fresh = [t for t in grant.tasks if t.request_id not in self.requests and t.deadline > now]
+        for task in reversed(fresh):  # to the front, in grant order: they start next
+            request = Request(task.request_id, list(task.prompt_token_ids), task.sampling, now, task.deadline,
+                              delivered_token_ids=list(task.delivered_token_ids), epoch=task.epoch,
+                              is_pinned=True, origin_id=task.origin_id)
+            self.requests[task.request_id] = request
+            self.pending.insert(0, request)
+            self.remote.add(task, now)
+        self.stats.stolen_in += len(fresh)
+        return self.admit(now)
+
+    def on_ack(self, ack: Ack, now: float) -> None:
+        self.remote.on_ack(ack.origin_id, ack.request_ids, now)
+
+    def on_heartbeat_ack(self, ack: HeartbeatAck, now: float) -> Effects:
+        self.remote.heard_from(ack.origin_id, now)
+        fx = Effects()
+        for request_id in ack.revoked:
+            if self.remote.revoke(ack.origin_id, request_id) is not None:
+                self._drop_stolen_in(request_id, fx)
+        return fx
+
+    def on_cancel(self, cancel: Cancel, now: float) -> Effects:
+        self.remote.heard_from(cancel.origin_id, now)
+        fx = Effects()
+        if self.remote.revoke(cancel.origin_id, cancel.request_id, cancel.epoch) is not None:
+            self._drop_stolen_in(cancel.request_id, fx)
+        return fx
+
+    # ---- origin side: a thief's stream comes back ----
+
+    def on_tokens(self, msg: Tokens, now: float) -> Effects:
+        fx = Effects()
+        acked: list[str] = []
+        for item in msg.items:
+            verdict = self.leases.check_tokens(msg.thief_id, item.request_id, item.epoch, item.seq, now)
+            request = self.requests.get(item.request_id)
+            if verdict is Verdict.ACCEPT and request is not None and request.state is State.LEASED:
+                request.delivered_token_ids += item.token_ids
+                request.served_by = msg.thief_name
+                if item.finish_reason is not None:
+                    self.leases.release(item.request_id, finished=True)
+                    self._finish(request, item.finish_reason, fx, now, item.token_ids)
+                    acked.append(item.request_id)
+                else:
+                    fx.client.append(ClientEvent(request.request_id, item.token_ids, served_by=msg.thief_name))
+            elif verdict is Verdict.FINISHED:
+                acked.append(item.request_id)
+            elif verdict is Verdict.DUPLICATE:
+                self.stats.duplicate_items += 1
+            elif verdict is Verdict.GAP:
+                self.stats.stream_gaps += 1
+                lease = self.leases.release(item.request_id)
+                if lease is not None and request is not None:
+                    self._resume(request, lease.thief_id, "stream gap", fx)
+            else:
+                self.stats.stale_items += 1
+                fx.to_thief.append((msg.thief_id, Cancel(PROTOCOL_VERSION, self.params.node_id,
+                                                         item.request_id, item.epoch, "stale")))
+        if acked:
+            fx.to_thief.append((msg.thief_id, Ack(PROTOCOL_VERSION, self.params.node_id, acked)))
+        return fx
+
+    def on_heartbeat(self, msg: Heartbeat, now: float) -> Effects:
+        revoked = [ref.request_id for ref in msg.leases
+                   if not self.leases.renew(msg.thief_id, ref.request_id, ref.epoch, now)]
+        fx = Effects()
+        fx.to_thief.append((msg.thief_id, HeartbeatAck(PROTOCOL_VERSION, self.params.node_id, revoked)))
+        return fx
+
+    # ---- time passes ----
+
+    def tick(self, now: float) -> Effects:
+        fx = Effects()
+        for lease in self.leases.expired(now):
+            request = self.requests.get(lease.request_id)
+            self.stats.lease_expiries += 1
+            if request is not None and request.state is State.LEASED:
+                self._resume(request, lease.thief_id, "lease expired", fx)
+        for request in [r for r in self.requests.values()
+                        if r.state in (State.PENDING, State.LEASED) and not r.origin_id and r.deadline <= now]:
+            self._end(request, State.FAILED, fx, error="request timed out waiting to be scheduled")
+        if now - self._last_heartbeat >= self.params.heartbeat_interval:
+            self._last_heartbeat = now
+            for origin_id, refs in self.remote.heartbeats().items():
+                fx.to_origin.append((origin_id, Heartbeat(PROTOCOL_VERSION, self.params.node_id, refs)))
+            again, given_up = self.remote.retransmits(now, self.params.heartbeat_interval)
+            for item in again:
+                remote_origin = self._origin_of_final(item)
+                if remote_origin:
+                    fx.to_origin.append((remote_origin, self._tokens([item])))
+            for remote in self.remote.silent_origins(now, 2 * self.params.lease_timeout) + given_up:
+                if remote.final is None:
+                    self.stats.origin_losses += 1
+                self._drop_stolen_in(remote.task.request_id, fx)
+        return fx.extend(self.admit(now))
+
+    # ---- internals ----
+
+    def _tokens(self, items: list[TokenItem]) -> Tokens:
+        return Tokens(PROTOCOL_VERSION, self.params.node_id, self.params.node_name, items)
+
+    def _origin_of_final(self, item: TokenItem) -> str:
+        remote = self.remote.get(item.request_id)
+        return remote.task.origin_id if remote is not None else ""
+
+    def _resume(self, request: Request, thief_id: str, why: str, fx: Effects) -> None:
+        """Fence the thief (new epoch), cancel it best-effort, finish the request here."""
+        fx.to_thief.append((thief_id, Cancel(PROTOCOL_VERSION, self.params.node_id, request.request_id,
+                                             request.epoch, why)))
+        request.epoch += 1
+        request.attempts += 1
+        request.is_pinned = True
+        request.transition(State.PENDING)
+        self.pending.insert(0, request)
+        self.stats.resumed += 1
+
+    def _release_running(self, request: Request) -> None:
+        if self.running.pop(request.request_id, None) is not None:
+            self._reserved_tokens -= request.reserved_tokens
+
+    def _drop_stolen_in(self, request_id: str, fx: Effects) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        if request.state is State.RUNNING:
+            self._release_running(request)
+            fx.engine_abort.append(request_id)
+        elif request.state is State.PENDING:
+            self.pending.remove(request)
+        if not request.is_done:
+            request.transition(State.CANCELLED)
+
+    def _finish(self, request: Request, reason: FinishReason, fx: Effects, now: float,
+                last_tokens: list[int] | None = None) -> None:
+        if request.state is State.RUNNING:
+            self._release_running(request)
+            self.stats.ran_locally += 1
+        request.transition(State.FINISHED)
+        self.requests.pop(request.request_id, None)
+        self.stats.completed += 1
+        fx.client.append(ClientEvent(request.request_id, list(last_tokens or []), reason,
+                                     served_by=request.served_by or self.params.node_name,
+                                     attempts=request.attempts))
+
+    def _end(self, request: Request, state: State, fx: Effects, error: str | None = None) -> None:
+        """Cancel or fail a live request wherever it is."""
+        if request.state is State.PENDING:
+            self.pending.remove(request)
+        elif request.state is State.RUNNING:
+            self._release_running(request)
+            fx.engine_abort.append(request.request_id)
+        elif request.state is State.LEASED:
+            lease = self.leases.release(request.request_id)
+            if lease is not None:
+                fx.to_thief.append((lease.thief_id, Cancel(PROTOCOL_VERSION, self.params.node_id,
+                                                           request.request_id, request.epoch, state.value)))
+        request.transition(state)
+        self.requests.pop(request.request_id, None)
+        if request.origin_id:
+            return
+        if state is State.FAILED:
+            self.stats.failed += 1
+        fx.client.append(ClientEvent(request.request_id, [], error=error or state.value,
+                                     served_by=request.served_by, attempts=request.attempts))

@@ -1,0 +1,118 @@
+"""``python -m p2psched.server``: the composition root. Parses flags into a frozen config,
+builds the engine and the node, and runs it until SIGTERM.
+
+The ``--scheduler-*`` flags keep FastDeploy's names and meanings, so its load-balancing launch
+line works; ``--scheduler-name global`` joins the cluster and steals, ``local`` serves alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .config import NodeConfig, SchedulerConfig, SimEngineConfig
+from .errors import ConfigError
+from .node import Node
+from .sim_engine import SimEngine, SimTokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m p2psched.server",
+                                description="One p2psched inference node: OpenAI-compatible HTTP, "
+                                            "continuous batching, peer-to-peer work stealing.")
+    d, s, e = NodeConfig(), SchedulerConfig(), SimEngineConfig()
+    node = p.add_argument_group("node")
+    node.add_argument("--host", default=d.host, help="bind address for HTTP and ZeroMQ (default %(default)s)")
+    node.add_argument("--advertise-host", default=d.advertise_host,
+                      help="address peers use to reach this node (default: --host, or 127.0.0.1 for 0.0.0.0)")
+    node.add_argument("--port", type=int, default=d.port, help="HTTP port (default %(default)s)")
+    node.add_argument("--steal-port", type=int, default=d.steal_port, help="ZeroMQ steal port (0 = any free)")
+    node.add_argument("--result-port", type=int, default=d.result_port, help="ZeroMQ result port (0 = any free)")
+    node.add_argument("--node-name", default=d.node_name, help="name shown in the registry and responses")
+    node.add_argument("--engine", choices=["sim"], default=d.engine, help="engine (default %(default)s)")
+    node.add_argument("--model", default=d.model, help="model name clients send (default %(default)s)")
+    node.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                      help="sequences the engine runs at once (default %(default)s)")
+    node.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
+                      help="pending requests before new ones get 503 (default %(default)s)")
+    node.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sched = p.add_argument_group("scheduler (FastDeploy-compatible names)")
+    sched.add_argument("--scheduler-name", choices=["local", "global"], default=s.name,
+                       help="global: register in Redis and steal work; local: serve alone (default %(default)s)")
+    sched.add_argument("--scheduler-host", default=s.host, help="Redis host (default %(default)s)")
+    sched.add_argument("--scheduler-port", type=int, default=s.port, help="Redis port (default %(default)s)")
+    sched.add_argument("--scheduler-db", type=int, default=s.db, help="Redis database (default %(default)s)")
+    sched.add_argument("--scheduler-password", default=s.password, help="Redis password (default none)")
+    sched.add_argument("--scheduler-topic", default=s.topic,
+                       help="namespace; only nodes with the same topic steal from each other (default %(default)s)")
+    sched.add_argument("--scheduler-ttl", type=float, default=s.ttl,
+                       help="seconds a request may wait or stay leased before its client gets an error "
+                            "(default %(default)s)")
+    sched.add_argument("--scheduler-min-load-score", type=int, default=s.min_load_score,
+                       help="a peer is stolen from only with at least this many pending requests "
+                            "(default %(default)s)")
+    sched.add_argument("--scheduler-load-shards-num", type=int, default=s.load_shards_num,
+                       help="shards of the Redis load index (default %(default)s)")
+    sched.add_argument("--heartbeat-interval", type=float, default=s.heartbeat_interval,
+                       help="seconds between registry heartbeats (default %(default)s)")
+    sched.add_argument("--lease-timeout", type=float, default=s.lease_timeout,
+                       help="seconds of thief silence before the origin takes a request back (default %(default)s)")
+    sched.add_argument("--steal-timeout", type=float, default=s.steal_timeout,
+                       help="seconds to wait for a grant before asking the next peer (default %(default)s)")
+    sim = p.add_argument_group("simulated engine")
+    sim.add_argument("--sim-decode-step-ms", type=float, default=e.decode_step_ms)
+    sim.add_argument("--sim-decode-ms-per-seq", type=float, default=e.decode_ms_per_seq)
+    sim.add_argument("--sim-prefill-ms-per-token", type=float, default=e.prefill_ms_per_token)
+    sim.add_argument("--sim-kv-tokens", type=int, default=e.kv_tokens)
+    sim.add_argument("--sim-max-model-len", type=int, default=e.max_model_len)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    scheduler = SchedulerConfig(
+        name=args.scheduler_name, host=args.scheduler_host, port=args.scheduler_port, db=args.scheduler_db,
+        password=args.scheduler_password, topic=args.scheduler_topic, ttl=args.scheduler_ttl,
+        min_load_score=args.scheduler_min_load_score, load_shards_num=args.scheduler_load_shards_num,
+        heartbeat_interval=args.heartbeat_interval, lease_timeout=args.lease_timeout,
+        steal_timeout=args.steal_timeout)
+    sim = SimEngineConfig(decode_step_ms=args.sim_decode_step_ms, decode_ms_per_seq=args.sim_decode_ms_per_seq,
+                          prefill_ms_per_token=args.sim_prefill_ms_per_token, kv_tokens=args.sim_kv_tokens,
+                          max_model_len=args.sim_max_model_len)
+    return NodeConfig(host=args.host, advertise_host=args.advertise_host, port=args.port,
+                      steal_port=args.steal_port, result_port=args.result_port, node_name=args.node_name,
+                      engine=args.engine, model=args.model, max_num_seqs=args.max_num_seqs,
+                      max_queue_len=args.max_queue_len, scheduler=scheduler, sim=sim)
+
+
+def build_node(config: NodeConfig) -> Node:
+    engine = SimEngine(config.sim, config.max_num_seqs)
+    return Node(config, engine, SimTokenizer())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s " + (config.node_name or "node") + " %(name)s: %(message)s")
+    node = build_node(config)
+    try:
+        import uvloop
+
+        uvloop.run(node.run())
+    except ImportError:
+        asyncio.run(node.run())
+    except OSError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

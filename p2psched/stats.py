@@ -1,0 +1,40 @@
+"""A node's counters. Plain numbers, read by /stats, the demo and (later) Prometheus."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    received: int = 0  # accepted from HTTP clients
+    completed: int = 0  # of those, finished (wherever they ran)
+    failed: int = 0
+    cancelled: int = 0
+    ran_locally: int = 0  # own requests finished by our engine
+    stolen_out: int = 0  # own requests granted to thieves
+    stolen_in: int = 0  # tasks received from victims
+    stolen_in_completed: int = 0
+    resumed: int = 0  # own requests taken back after a lease expiry or stream gap
+    steals_attempted: int = 0
+    steals_granted: int = 0  # steal RPCs answered with at least one task
+    steals_empty: int = 0
+    steals_timed_out: int = 0
+    lease_expiries: int = 0
+    stream_gaps: int = 0
+    duplicate_items: int = 0
+    stale_items: int = 0
+    token_messages_sent: int = 0
+    token_items_forwarded: int = 0
+    origin_losses: int = 0  # stolen-in tasks dropped because their origin went silent
+    registry_errors: int = 0
+    sends_failed: int = 0  # ZeroMQ refused a send at once (peer gone, queue full)
+    busy_s: float = 0.0  # engine time spent in steps
+    malformed: Counter[str] = field(default_factory=Counter)  # socket name -> frames dropped
+
+    def as_dict(self) -> dict[str, object]:
+        out = dataclasses.asdict(self)
+        out["malformed"] = dict(self.malformed)
+        return out
