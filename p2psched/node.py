@@ -43,6 +43,8 @@ from .transport import DropLog, bind, make_socket, send_now
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
+PUBLISH_MIN_GAP_S = 0.05  # load changes reach Redis at most this often (and every heartbeat)
+PEER_REFRESH_MIN_GAP_S = 0.1  # an idle node re-reads the registry at most this often
 GRANT_CACHE = 1024
 
 
@@ -89,6 +91,9 @@ class Node:
         self._result_sock = make_socket(self._ctx, zmq.ROUTER)
         self._grants: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._wake_stealer = asyncio.Event()
+        self._load_changed = asyncio.Event()
+        self._published_pending = -1
+        self._peers_refreshed_at = -1e9
         self._stop_requested = asyncio.Event()
         self._rng = random.Random()
         self._runner: EngineRunner | None = None
@@ -205,6 +210,7 @@ class Node:
 
     def _apply(self, fx: Effects) -> None:
         runner = self._runner
+        self._note_load_change()
         for event in fx.client:
             handle = self._handles.get(event.request_id)
             if handle is not None:
@@ -262,6 +268,7 @@ class Node:
                 while len(self._grants) > GRANT_CACHE:
                     self._grants.popitem(last=False)
                 if grant.tasks:
+                    self._note_load_change()
                     log.info("granted %d request(s) to %s", len(grant.tasks), steal.thief_name)
             send_now(self._steal_sock, [peer, reply])
 
@@ -302,18 +309,36 @@ class Node:
                           load["pending"], load["pending_tokens"], load["running"], load["free_slots"],
                           load["free_kv_tokens"])
 
+    def _note_load_change(self) -> None:
+        pending = len(self.scheduler.pending)
+        if pending != self._published_pending:
+            self._load_changed.set()
+
+    async def _refresh_peers(self) -> None:
+        assert self._registry is not None
+        records = await self._registry.nodes()
+        self._peers_refreshed_at = time.monotonic()
+        self.peers = {r.node_id: r.as_peer() for r in records
+                      if r.node_id != self.node_id and r.version == PROTOCOL_VERSION}
+        for peer in self.peers.values():
+            if peer.model_id == self.engine.model_id:
+                self._links.link(peer)  # connect early: the first steal must not wait for a handshake
+
     async def _registry_loop(self) -> None:
+        """Heartbeat every interval, and soon after our queue length changes (rate-limited)."""
         assert self._registry is not None
         interval = self.config.scheduler.heartbeat_interval
         while not self.is_draining:
             try:
-                await self._registry.heartbeat(self._record())
-                records = await self._registry.nodes()
+                self._load_changed.clear()
+                record = self._record()
+                await self._registry.heartbeat(record)
+                self._published_pending = record.pending
+                if time.monotonic() - self._peers_refreshed_at >= interval:
+                    await self._refresh_peers()
                 if self.is_registry_stale:
                     log.info("registry reachable again: re-registered")
                 self.is_registry_stale = False
-                self.peers = {r.node_id: r.as_peer() for r in records
-                              if r.node_id != self.node_id and r.version == PROTOCOL_VERSION}
                 self._wake_stealer_if_idle()
             except RegistryUnavailable as exc:
                 self.stats.registry_errors += 1
@@ -321,7 +346,11 @@ class Node:
                     log.warning("registry unavailable (%s): serving on, stealing from %d last-known peer(s)",
                                 exc, len(self.peers))
                 self.is_registry_stale = True
-            await asyncio.sleep(interval)
+            await asyncio.sleep(PUBLISH_MIN_GAP_S)
+            try:
+                await asyncio.wait_for(self._load_changed.wait(), max(0.0, interval - PUBLISH_MIN_GAP_S))
+            except TimeoutError:
+                pass
 
     async def _stealer(self) -> None:
         cfg = self.config.scheduler
@@ -333,8 +362,19 @@ class Node:
             self._wake_stealer.clear()
             if self.is_draining:
                 return
-            for victim in choose_victims(self.peers.values(), self.node_id, self.engine.model_id,
-                                         cfg.min_load_score, self._rng):
+            if self.scheduler.steal_capacity() is None:
+                continue
+            victims = choose_victims(self.peers.values(), self.node_id, self.engine.model_id,
+                                     cfg.min_load_score, self._rng)
+            if not victims and not self.is_registry_stale \
+                    and time.monotonic() - self._peers_refreshed_at >= PEER_REFRESH_MIN_GAP_S:
+                try:
+                    await self._refresh_peers()  # the table may be a heartbeat old: look again
+                except RegistryUnavailable:
+                    self.is_registry_stale = True
+                victims = choose_victims(self.peers.values(), self.node_id, self.engine.model_id,
+                                         cfg.min_load_score, self._rng)
+            for victim in victims:
                 capacity = self.scheduler.steal_capacity()
                 if capacity is None or self.is_draining:
                     break

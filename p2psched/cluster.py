@@ -1,0 +1,192 @@
+"""``python -m p2psched.cluster --nodes N``: an embedded Redis and N node processes on free ports.
+
+Also the library the integration tests, the demo and the benches use to run a real local
+cluster: ``with Cluster(3, ["--engine", "sim"]) as c: c.nodes[0].url``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .redis_server import EmbeddedRedis, free_port
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> tuple[int, Any]:
+    """GET (or POST ``body``) and decode the JSON answer; (status, payload)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    port: int
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "p2psched.server", *self.args],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+
+    def stats(self) -> dict[str, Any]:
+        _, payload = http_json(self.url + "/stats", timeout=5)
+        assert isinstance(payload, dict)
+        return payload
+
+    def is_healthy(self) -> bool:
+        try:
+            status, _ = http_json(self.url + "/health", timeout=1)
+            return status == 200
+        except (OSError, ValueError):
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Cluster:
+    def __init__(self, num_nodes: int, node_args: list[str] | None = None, topic: str = "default",
+                 scheduler_name: str = "global", log_dir: str | None = None, redis: EmbeddedRedis | None = None):
+        self.redis = redis or EmbeddedRedis()
+        self._owns_redis = redis is None
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="p2psched-cluster-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.nodes: list[NodeProcess] = []
+        for i in range(num_nodes):
+            name = f"node{i}"
+            port = free_port()
+            args = ["--port", str(port), "--node-name", name, "--scheduler-name", scheduler_name,
+                    "--scheduler-host", self.redis.host, "--scheduler-port", str(self.redis.port),
+                    "--scheduler-topic", topic, *(node_args or [])]
+            self.nodes.append(NodeProcess(name, port, args, self.log_dir / f"{name}.log"))
+        self._scheduler_name = scheduler_name
+
+    def start(self, timeout: float = 60.0) -> Cluster:
+        if not self.redis.is_running:
+            self.redis.start()
+        for node in self.nodes:
+            node.start()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Every node answers /health and, in a global cluster, sees every other node."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while not node.is_healthy():
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise RuntimeError(f"{node.name} exited with {node.proc.returncode}:\n{node.log_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{node.name} not healthy within {timeout}s:\n{node.log_text()[-3000:]}")
+                time.sleep(0.05)
+        if self._scheduler_name != "global":
+            return
+        others = len(self.nodes) - 1
+        for node in self.nodes:
+            while len(node.stats()["peers"]) < others:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{node.name} did not discover its peers within {timeout}s")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            if node.proc is not None:
+                try:
+                    node.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    node.kill()
+        if self._owns_redis:
+            self.redis.__exit__(None, None, None)
+
+    def __enter__(self) -> Cluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m p2psched.cluster",
+                                     description="Start an embedded Redis and N nodes; Ctrl-C stops everything. "
+                                                 "Arguments after -- go to every node.")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--engine", choices=["sim"], default="sim")
+    parser.add_argument("--scheduler-name", choices=["local", "global"], default="global")
+    parser.add_argument("--topic", default="default")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    node_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, node_args = argv[:cut], argv[cut + 1:]
+    args = parser.parse_args(argv)
+    if not 1 <= args.nodes <= 64:
+        print(f"{parser.prog}: error: --nodes must be in 1..64", file=sys.stderr)
+        return 2
+    cluster = Cluster(args.nodes, ["--engine", args.engine, *node_args], args.topic, args.scheduler_name)
+    try:
+        cluster.start()
+        print(f"redis: {cluster.redis.url}")
+        for node in cluster.nodes:
+            print(f"{node.name}: {node.url}   (log: {node.log_path})")
+        print("Ctrl-C to stop.", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
