@@ -49,11 +49,10 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "p2psched.server", *self.args],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "p2psched.server", *self.args],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def stats(self) -> dict[str, Any]:
         _, payload = http_json(self.url + "/stats", timeout=5)

@@ -31,6 +31,7 @@ TokenId = Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
 FinishReason = Literal["stop", "length", "abort", "error"]
+GrantReason = Literal["ok", "empty", "model_mismatch", "not_accepting"]
 
 
 class _Base(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):
@@ -75,7 +76,7 @@ class Grant(_Base, frozen=True, tag="grant"):
     victim_id: Id
     tasks: Annotated[list[Task], msgspec.Meta(max_length=MAX_TASKS_PER_GRANT)]
     victim_pending: Count  # victim's queue after the grant, so thieves need not wait for Redis
-    reason: Literal["ok", "empty", "model_mismatch", "not_accepting"] = "ok"
+    reason: GrantReason = "ok"
 
 
 class TokenItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -151,7 +151,7 @@ class Registry:
         try:
             out: list[NodeRecord] = []
             for shard in range(self._keys.shards):
-                members = await self._client.zrevrange(self._keys.load(shard), 0, -1)
+                members = [bytes(m) for m in await self._client.zrevrange(self._keys.load(shard), 0, -1)]  # type: ignore[arg-type]
                 if not members:
                     continue
                 ids = [m.decode(errors="replace") for m in members]

@@ -20,8 +20,21 @@ from .engine import EngineLimits, EngineOutput, EngineRequest
 from .errors import RequestRejected
 from .leases import LeaseTable, Verdict
 from .policy import select_grant
-from .protocol import (Ack, Cancel, FinishReason, Grant, Heartbeat, HeartbeatAck, Message,
-                       Sampling, Steal, Task, TokenItem, Tokens)
+from .protocol import (
+    Ack,
+    Cancel,
+    FinishReason,
+    Grant,
+    GrantReason,
+    Heartbeat,
+    HeartbeatAck,
+    Message,
+    Sampling,
+    Steal,
+    Task,
+    TokenItem,
+    Tokens,
+)
 from .request import Request, State
 from .stats import Stats
 from .thief import RemoteTasks
@@ -195,7 +208,7 @@ class Scheduler:
     # ---- victim side: a thief asks for work ----
 
     def on_steal(self, steal: Steal, now: float) -> Grant:
-        reason = "ok"
+        reason: GrantReason = "ok"
         tasks: list[Task] = []
         if not self.is_accepting_steals:
             reason = "not_accepting"

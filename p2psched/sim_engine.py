@@ -87,9 +87,7 @@ class SimEngine:
             finish: FinishReason | None = None
             if token in sampling.stop_token_ids:
                 finish = "stop"
-            elif len(seq.output) >= sampling.max_tokens:
-                finish = "length"
-            elif len(seq.request.prompt_token_ids) + len(seq.output) >= self._config.max_model_len:
+            elif len(seq.output) >= sampling.max_tokens or len(seq.request.prompt_token_ids) + len(seq.output) >= self._config.max_model_len:
                 finish = "length"
             outputs.append(EngineOutput(seq.request.request_id, [token], finish))
             if finish is not None:

@@ -82,14 +82,14 @@ class DropLog:
         return message
 
 
-def _consume(future: "asyncio.Future[object]") -> None:
+def _consume(future: asyncio.Future[object]) -> None:
     if not future.cancelled():
         future.exception()
 
 
 def send_now(sock: zmq.asyncio.Socket, frames: list[bytes]) -> bool:
     """Send without waiting: False when ZeroMQ refuses at once (no live peer, queue full)."""
-    future = sock.send_multipart(frames, zmq.NOBLOCK)
+    future: asyncio.Future[object] = sock.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[assignment]
     if future.done():
         return future.exception() is None
     future.add_done_callback(_consume)

@@ -1,0 +1,51 @@
+"""Client-side helpers for integration tests: requests, streams, expected sim tokens."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+from p2psched.cluster import http_json
+from p2psched.sim_engine import SimTokenizer, expected_tokens
+
+VOCAB = 32000
+
+
+def prompt_for(i: int) -> str:
+    return f"request number {i}: tell me a story"
+
+
+def expected_for(i: int, max_tokens: int) -> list[int]:
+    return expected_tokens(i, SimTokenizer().encode(prompt_for(i)), max_tokens, VOCAB)
+
+
+def complete(url: str, i: int, max_tokens: int) -> dict[str, Any]:
+    status, body = http_json(url + "/v1/completions", {
+        "model": "sim", "prompt": prompt_for(i), "max_tokens": max_tokens, "seed": i, "return_token_ids": True})
+    assert status == 200, body
+    return body
+
+
+def stream(url: str, i: int, max_tokens: int, timeout: float = 60) -> tuple[list[list[int]], dict[str, Any]]:
+    """Stream a completion; returns the token ids of each chunk and the final chunk."""
+    body = json.dumps({"prompt": prompt_for(i), "max_tokens": max_tokens, "seed": i, "stream": True,
+                       "return_token_ids": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    chunks: list[list[int]] = []
+    last: dict[str, Any] = {}
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        assert resp.status == 200
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                break
+            payload = json.loads(data)
+            assert "error" not in payload, payload
+            choice = payload["choices"][0]
+            chunks.append(choice["token_ids"])
+            last = payload
+    return chunks, last

@@ -1,0 +1,96 @@
+"""The registry against a real redis-server: records, TTLs, shards, topics and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import redis
+
+from p2psched.config import SchedulerConfig
+from p2psched.registry import NodeRecord, Registry
+
+
+def record(node_id: str, pending: int = 0, model: str = "m") -> NodeRecord:
+    return NodeRecord(node_id, f"name-{node_id}", 1, model, f"tcp://127.0.0.1:1/{node_id}",
+                      f"tcp://127.0.0.1:2/{node_id}", "http://127.0.0.1:3", time.time(), pending=pending)
+
+
+def config(server, **kw) -> SchedulerConfig:
+    return SchedulerConfig(host=server.host, port=server.port, **kw)
+
+
+def test_heartbeat_registers_lists_by_load_and_deregisters(redis_server):
+    async def scenario():
+        reg = Registry(config(redis_server, load_shards_num=4))
+        for node_id, pending in (("a", 1), ("b", 7), ("c", 3)):
+            await reg.heartbeat(record(node_id, pending))
+        listed = await reg.nodes()
+        assert [(r.node_id, r.pending) for r in listed] == [("b", 7), ("c", 3), ("a", 1)]
+        assert listed[0].steal_endpoint == "tcp://127.0.0.1:1/b"
+        await reg.deregister("b")
+        assert [r.node_id for r in await reg.nodes()] == ["c", "a"]
+        await reg.close()
+
+    asyncio.run(scenario())
+    raw = redis.Redis(port=redis_server.port)
+    keys = sorted(k.decode() for k in raw.scan_iter("p2psched:*"))
+    # Every key carries a {topic.shard} hash tag; records and their shard's index share it.
+    assert all(k.startswith("p2psched:{default.") for k in keys), keys
+    for key in keys:
+        if ":node:" in key:
+            tag = key[key.index("{"): key.index("}") + 1]
+            assert f"p2psched:{tag}:load" in keys
+            assert 0 < raw.pttl(key) <= 3000
+
+
+def test_records_expire_without_heartbeat_and_are_pruned(redis_server):
+    async def scenario():
+        reg = Registry(config(redis_server, heartbeat_interval=0.1))
+        await reg.heartbeat(record("gone", 5))
+        assert [r.node_id for r in await reg.nodes()] == ["gone"]
+        await asyncio.sleep(0.45)
+        assert await reg.nodes() == []
+        await reg.close()
+
+    asyncio.run(scenario())
+    raw = redis.Redis(port=redis_server.port)
+    assert raw.zcard("p2psched:{default.0}:load") == 0
+
+
+def test_topics_are_separate_namespaces(redis_server):
+    async def scenario():
+        red, blue = Registry(config(redis_server, topic="red")), Registry(config(redis_server, topic="blue"))
+        await red.heartbeat(record("r1"))
+        await blue.heartbeat(record("b1"))
+        assert [r.node_id for r in await red.nodes()] == ["r1"]
+        assert [r.node_id for r in await blue.nodes()] == ["b1"]
+        await red.close()
+        await blue.close()
+
+    asyncio.run(scenario())
+
+
+def test_cli_lists_nodes_as_json_and_table(redis_server):
+    async def scenario():
+        reg = Registry(config(redis_server))
+        await reg.heartbeat(record("n1", 4))
+        await reg.close()
+
+    asyncio.run(scenario())
+    base = [sys.executable, "-m", "p2psched.registry", "--scheduler-port", str(redis_server.port)]
+    out = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=60, check=True)
+    nodes = json.loads(out.stdout)
+    assert [(n["node_id"], n["pending"], n["name"]) for n in nodes] == [("n1", 4, "name-n1")]
+    table = subprocess.run(base, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "name-n1" in table and "tcp://127.0.0.1:1/n1" in table
+
+
+def test_cli_reports_unreachable_redis_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "p2psched.registry", "--scheduler-port", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: cannot reach Redis") and len(proc.stderr.strip().splitlines()) == 1

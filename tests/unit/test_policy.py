@@ -1,0 +1,44 @@
+import random
+
+from p2psched.policy import PeerLoad, choose_victims, select_grant
+from p2psched.protocol import Sampling
+from p2psched.request import Request
+
+
+def peer(node_id, pending, model="m", tokens=0):
+    return PeerLoad(node_id, node_id, model, f"tcp://x/{node_id}", f"tcp://y/{node_id}", pending, tokens)
+
+
+def req(i, prompt=10, max_tokens=10, pinned=False):
+    return Request(f"r{i}", [1] * prompt, Sampling(max_tokens=max_tokens, seed=i), 0.0, 100.0, is_pinned=pinned)
+
+
+def test_victims_are_most_loaded_first_and_filtered():
+    peers = [peer("me", 50), peer("a", 3), peer("b", 9), peer("c", 2), peer("d", 9, model="other"), peer("e", 5)]
+    victims = choose_victims(peers, "me", "m", 3, random.Random(0))
+    assert [p.node_id for p in victims] == ["b", "e", "a"]
+
+
+def test_victim_ties_are_broken_at_random():
+    peers = [peer(n, 4) for n in "abcdef"]
+    firsts = {choose_victims(peers, "me", "m", 1, random.Random(seed))[0].node_id for seed in range(50)}
+    assert len(firsts) > 1
+
+
+def test_grant_never_takes_the_head_and_stops_near_half():
+    pending = [req(i) for i in range(10)]  # 20 tokens of work each, 200 in all
+    granted = select_grant(pending, max_requests=100, max_tokens=10_000)
+    assert [r.request_id for r in granted] == ["r9", "r8", "r7", "r6", "r5"]
+    assert pending[0] not in granted
+
+
+def test_grant_respects_thief_capacity_and_pins():
+    pending = [req(0), req(1), req(2, pinned=True), req(3, prompt=500), req(4)]
+    granted = select_grant(pending, max_requests=2, max_tokens=100)
+    assert [r.request_id for r in granted] == ["r4", "r1"]
+    assert select_grant(pending, max_requests=1, max_tokens=5) == []
+
+
+def test_grant_from_one_request_queue_is_empty():
+    assert select_grant([req(0)], 10, 10_000) == []
+    assert [r.request_id for r in select_grant([req(0), req(1, prompt=1000)], 10, 10_000)] == ["r1"]

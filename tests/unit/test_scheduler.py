@@ -1,0 +1,249 @@
+"""The scheduler core, driven by hand with a fake clock: no sockets, no threads, no sleeps.
+
+``Pair`` wires an origin and a thief scheduler together the way the node does (messages go
+through encode/decode), each with a simulated engine stepped synchronously.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from p2psched import PROTOCOL_VERSION
+from p2psched.config import SimEngineConfig
+from p2psched.engine import EngineLimits
+from p2psched.errors import RequestRejected
+from p2psched.protocol import (
+    Cancel,
+    Grant,
+    Heartbeat,
+    HeartbeatAck,
+    Sampling,
+    Steal,
+    TokenItem,
+    Tokens,
+    decode,
+    encode,
+)
+from p2psched.request import State
+from p2psched.scheduler import ClientEvent, Effects, Scheduler, SchedulerParams
+from p2psched.sim_engine import SimEngine, expected_tokens
+
+SIM = SimEngineConfig(vocab_size=1000, decode_step_ms=0, decode_ms_per_seq=0, decode_ms_per_kilotoken=0,
+                      prefill_ms_per_token=0, kv_tokens=10_000, max_model_len=1000)
+LIMITS = EngineLimits(max_num_seqs=2, max_kv_tokens=10_000, max_model_len=1000, vocab_size=1000)
+
+
+def make(node_id: str, lease_timeout: float = 1.0, max_queue_len: int = 100) -> Scheduler:
+    return Scheduler(SchedulerParams(node_id, node_id + "-name", "model", LIMITS, ttl=30.0,
+                                     lease_timeout=lease_timeout, max_queue_len=max_queue_len))
+
+
+class Side:
+    def __init__(self, node_id: str):
+        self.sched = make(node_id)
+        self.engine = SimEngine(SIM, LIMITS.max_num_seqs)
+        self.client: dict[str, list[ClientEvent]] = {}
+        self.outbox: list[tuple[str, bytes]] = []  # (destination id, frame)
+
+    def apply(self, fx: Effects) -> None:
+        for event in fx.client:
+            self.client.setdefault(event.request_id, []).append(event)
+        for request in fx.engine_add:
+            self.engine.add(request)
+        for request_id in fx.engine_abort:
+            self.engine.abort(request_id)
+        for dest, message in fx.to_origin + fx.to_thief:
+            self.outbox.append((dest, encode(message)))
+
+    def step(self, now: float) -> None:
+        if self.engine.has_work():
+            self.apply(self.sched.on_engine_outputs(self.engine.step(), 0.0, now))
+
+    def tokens_of(self, request_id: str) -> list[int]:
+        return [t for e in self.client.get(request_id, []) for t in e.token_ids]
+
+
+class Pair:
+    def __init__(self) -> None:
+        self.origin = Side("origin")
+        self.thief = Side("thief")
+        self.now = 0.0
+        self.delivered = 0
+
+    def deliver(self, drop_from_thief: bool = False) -> None:
+        for src, dst in ((self.thief, self.origin), (self.origin, self.thief)):
+            box, src.outbox = src.outbox, []
+            for _, frame in box:
+                if drop_from_thief and src is self.thief:
+                    continue
+                message = decode(frame)
+                if isinstance(message, Tokens):
+                    dst.apply(dst.sched.on_tokens(message, self.now))
+                elif isinstance(message, Heartbeat):
+                    dst.apply(dst.sched.on_heartbeat(message, self.now))
+                elif isinstance(message, HeartbeatAck):
+                    dst.apply(dst.sched.on_heartbeat_ack(message, self.now))
+                elif isinstance(message, Cancel):
+                    dst.apply(dst.sched.on_cancel(message, self.now))
+                else:
+                    dst.sched.on_ack(message, self.now)  # type: ignore[arg-type]
+
+    def steal(self, max_requests: int = 2) -> Grant:
+        steal = Steal(PROTOCOL_VERSION, "s1", "thief", "thief-name", "model", max_requests, 10_000)
+        grant = decode(encode(self.origin.sched.on_steal(steal, self.now)))
+        assert isinstance(grant, Grant)
+        self.thief.apply(self.thief.sched.on_grant(grant, self.now))
+        return grant
+
+    def run(self, steps: int, thief_alive: bool = True) -> None:
+        for _ in range(steps):
+            self.now += 0.01
+            self.origin.step(self.now)
+            if thief_alive:
+                self.thief.step(self.now)
+            for side in (self.origin, self.thief) if thief_alive else (self.origin,):
+                side.apply(side.sched.tick(self.now))
+            self.deliver(drop_from_thief=not thief_alive)
+
+
+def submit(side: Side, i: int, max_tokens: int, now: float = 0.0) -> str:
+    request = side.sched.submit(f"req-{i}", [i + 1, 2, 3], Sampling(max_tokens=max_tokens, seed=i), now)
+    side.apply(side.sched.admit(now))
+    return request.request_id
+
+
+def expected(i: int, max_tokens: int) -> list[int]:
+    return expected_tokens(i, [i + 1, 2, 3], max_tokens, SIM.vocab_size)
+
+
+def test_local_requests_run_in_order_of_arrival_and_finish():
+    side = Side("solo")
+    ids = [submit(side, i, 3) for i in range(3)]
+    assert [r.request_id for r in side.sched.pending] == ["req-2"]  # two slots
+    for _ in range(10):
+        side.step(0.0)
+    for i, rid in enumerate(ids):
+        assert side.tokens_of(rid) == expected(i, 3)
+        assert side.client[rid][-1].finish_reason == "length"
+    assert side.sched.stats.ran_locally == 3 and not side.sched.requests
+
+
+def test_stolen_requests_stream_back_exactly_once():
+    pair = Pair()
+    ids = [submit(pair.origin, i, 5) for i in range(6)]
+    grant = pair.steal(max_requests=2)
+    assert [t.request_id for t in grant.tasks] == ["req-5", "req-4"]
+    assert pair.origin.sched.requests["req-5"].state is State.LEASED
+    pair.run(40)
+    for i, rid in enumerate(ids):
+        assert pair.origin.tokens_of(rid) == expected(i, 5), rid
+    assert {pair.origin.client[r][-1].served_by for r in ("req-4", "req-5")} == {"thief-name"}
+    assert not pair.thief.sched.remote and not pair.thief.sched.requests  # finals acknowledged
+    assert pair.origin.sched.stats.completed == 6
+
+
+def test_silent_thief_is_fenced_and_the_origin_resumes_where_the_stream_stopped():
+    pair = Pair()
+    ids = [submit(pair.origin, i, 30) for i in range(4)]
+    pair.steal(max_requests=1)
+    stolen = "req-3"
+    pair.run(5)
+    delivered = len(pair.origin.tokens_of(stolen))
+    assert 0 < delivered < 30
+    pair.run(200, thief_alive=False)  # thief dies: nothing more comes from it
+    assert pair.origin.sched.stats.lease_expiries == 1
+    for i, rid in enumerate(ids):
+        assert pair.origin.tokens_of(rid) == expected(i, 30), rid
+    assert pair.origin.client[stolen][-1].attempts == 2
+
+
+def test_tokens_from_a_fenced_epoch_are_dropped_and_cancelled():
+    pair = Pair()
+    for i in range(4):
+        submit(pair.origin, i, 50)
+    assert [t.request_id for t in pair.steal(max_requests=1).tasks] == ["req-3"]
+    stale = Tokens(PROTOCOL_VERSION, "thief", "thief-name", [TokenItem("req-3", 7, 0, [1])])
+    fx = pair.origin.sched.on_tokens(stale, 0.0)
+    assert pair.origin.sched.stats.stale_items == 1
+    assert fx.client == []
+    assert [(dest, type(m).__name__) for dest, m in fx.to_thief] == [("thief", "Cancel")]
+
+
+def test_a_gap_in_the_stream_takes_the_request_back():
+    pair = Pair()
+    for i in range(4):
+        submit(pair.origin, i, 10)
+    assert [t.request_id for t in pair.steal(max_requests=1).tasks] == ["req-3"]
+    gap = Tokens(PROTOCOL_VERSION, "thief", "thief-name", [TokenItem("req-3", 0, 3, [1])])
+    pair.origin.apply(pair.origin.sched.on_tokens(gap, 0.0))
+    request = pair.origin.sched.requests["req-3"]
+    assert request.state is State.PENDING and request.epoch == 1 and request.is_pinned
+    assert pair.origin.sched.stats.stream_gaps == 1
+
+
+def test_cancel_of_a_leased_request_reaches_the_thief_and_frees_it():
+    pair = Pair()
+    for i in range(4):
+        submit(pair.origin, i, 100)
+    assert [t.request_id for t in pair.steal(max_requests=1).tasks] == ["req-3"]
+    pair.run(2)
+    assert "req-3" in pair.thief.sched.running
+    pair.origin.apply(pair.origin.sched.cancel("req-3", pair.now))
+    pair.deliver()
+    assert "req-3" not in pair.thief.sched.requests and not pair.thief.sched.running
+    assert not pair.thief.engine.has_work()
+    assert pair.origin.client["req-3"][-1].error == "cancelled"
+
+
+def test_thief_drops_tasks_of_an_origin_that_went_silent():
+    pair = Pair()
+    for i in range(4):
+        submit(pair.origin, i, 500)
+    assert len(pair.steal(max_requests=1).tasks) == 1
+    thief = pair.thief
+    for _ in range(300):  # the origin never answers: its heartbeat acks never come
+        pair.now += 0.01
+        thief.step(pair.now)
+        thief.apply(thief.sched.tick(pair.now))
+        thief.outbox.clear()
+    assert thief.sched.stats.origin_losses == 1
+    assert not thief.sched.running and not thief.sched.remote
+
+
+def test_pending_requests_past_their_deadline_fail():
+    side = Side("solo")
+    for i in range(3):
+        submit(side, i, 1000)
+    side.apply(side.sched.tick(now=31.0))
+    assert side.client["req-2"][-1].error == "request timed out waiting to be scheduled"
+    assert side.sched.stats.failed == 1
+
+
+def test_full_queue_is_rejected_with_503():
+    sched = make("solo", max_queue_len=1)
+    sched.submit("a", [1], Sampling(max_tokens=1, seed=0), 0.0)
+    with pytest.raises(RequestRejected) as info:
+        sched.submit("b", [1], Sampling(max_tokens=1, seed=0), 0.0)
+    assert info.value.status == 503
+
+
+def test_steal_capacity_only_when_idle():
+    side = Side("solo")
+    assert side.sched.steal_capacity() == (2, 10_000)
+    submit(side, 0, 10)
+    assert side.sched.steal_capacity() == (1, 10_000 - 13)
+    submit(side, 1, 10)
+    submit(side, 2, 10)
+    assert side.sched.steal_capacity() is None
+
+
+def test_model_mismatch_and_draining_give_empty_grants():
+    side = Side("victim")
+    for i in range(4):
+        submit(side, i, 10)
+    other = Steal(PROTOCOL_VERSION, "s", "t", "n", "another-model", 4, 10_000)
+    assert side.sched.on_steal(other, 0.0).reason == "model_mismatch"
+    side.sched.is_accepting_steals = False
+    same = Steal(PROTOCOL_VERSION, "s2", "t", "n", "model", 4, 10_000)
+    assert side.sched.on_steal(same, 0.0).reason == "not_accepting"
+    assert len(side.sched.pending) == 2
