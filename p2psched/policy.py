@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .request import Request
@@ -35,19 +35,20 @@ def choose_victims(peers: Iterable[PeerLoad], self_id: str, model_id: str,
     return candidates
 
 
-def select_grant(pending: Sequence[Request], max_requests: int, max_tokens: int) -> list[Request]:
+def select_grant(from_back: Iterable[Request], total_work: int, max_requests: int,
+                 max_tokens: int) -> list[Request]:
     """Requests to hand a thief, taken from the back of the queue.
 
-    Never the head (the request the engine starts next), never a pinned request, nothing that
-    does not fit the thief, and up to about half of the queue's pending work: it stops after
-    the request that reaches half (at least one request is given when any fits).
+    ``from_back`` walks the pending queue back to front, without its head (the request the
+    engine starts next); ``total_work`` is the queue's work in tokens. Never a pinned request,
+    nothing that does not fit the thief, and up to about half of the queue's work: it stops
+    after the request that reaches half (at least one request is given when any fits).
     """
-    total_work = sum(r.work_tokens for r in pending)
     half = total_work / 2
     granted: list[Request] = []
     granted_work = 0
     budget = max_tokens
-    for request in reversed(pending[1:]):
+    for request in from_back:
         if len(granted) >= max_requests or granted_work >= half:
             break
         if request.is_pinned or request.reserved_tokens > budget:

@@ -13,12 +13,14 @@ plays both roles of the protocol:
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from . import PROTOCOL_VERSION
 from .engine import EngineLimits, EngineOutput, EngineRequest
 from .errors import RequestRejected
 from .leases import LeaseTable, Verdict
+from .pending import PendingQueue
 from .policy import select_grant
 from .protocol import (
     Ack,
@@ -91,13 +93,14 @@ class Scheduler:
         self.params = params
         self.stats = stats if stats is not None else Stats()
         self.requests: dict[str, Request] = {}
-        self.pending: list[Request] = []
+        self.pending = PendingQueue()
         self.running: dict[str, Request] = {}
         self.leases = LeaseTable(params.lease_timeout)
         self.remote = RemoteTasks()
         self.is_accepting_steals = True
         self._reserved_tokens = 0
         self._last_heartbeat = 0.0
+        self._deadlines: list[tuple[float, str]] = []  # heap of own requests' deadlines
 
     # ---- load, as published to the registry and used to decide when to steal ----
 
@@ -112,7 +115,7 @@ class Scheduler:
     def load(self) -> dict[str, int]:
         return {
             "pending": len(self.pending),
-            "pending_tokens": sum(r.work_tokens for r in self.pending),
+            "pending_tokens": self.pending.total_work,
             "running": len(self.running),
             "free_slots": self.free_slots,
             "free_kv_tokens": self.free_kv_tokens,
@@ -133,7 +136,8 @@ class Scheduler:
             raise RequestRejected("prompt plus max_tokens exceed this server's KV capacity", 400)
         request = Request(request_id, prompt_token_ids, sampling, now, now + self.params.ttl)
         self.requests[request_id] = request
-        self.pending.append(request)
+        self.pending.push_back(request)
+        heapq.heappush(self._deadlines, (request.deadline, request_id))
         self.stats.received += 1
         return request
 
@@ -153,10 +157,11 @@ class Scheduler:
         """Move pending requests into the engine while it has slots and KV room."""
         fx = Effects()
         while self.pending and self.free_slots > 0:
-            request = self.pending[0]
+            request = self.pending.head()
+            assert request is not None
             if request.reserved_tokens > self.free_kv_tokens:
                 break
-            self.pending.pop(0)
+            self.pending.pop_front()
             if request.remaining_tokens == 0:  # resumed after its last token was delivered
                 request.transition(State.RUNNING)
                 self._finish(request, "length", fx, now)
@@ -215,7 +220,8 @@ class Scheduler:
         elif steal.model_id != self.params.model_id:
             reason = "model_mismatch"
         else:
-            for request in select_grant(self.pending, steal.max_requests, steal.max_tokens):
+            for request in select_grant(self.pending.from_back(), self.pending.total_work,
+                                        steal.max_requests, steal.max_tokens):
                 self.pending.remove(request)
                 request.transition(State.LEASED)
                 self.leases.grant(request.request_id, steal.thief_id, steal.thief_name, request.epoch, now)
@@ -235,7 +241,7 @@ class Scheduler:
                               delivered_token_ids=list(task.delivered_token_ids), epoch=task.epoch,
                               is_pinned=True, origin_id=task.origin_id)
             self.requests[task.request_id] = request
-            self.pending.insert(0, request)
+            self.pending.push_front(request)
             self.remote.add(task, now)
         self.stats.stolen_in += len(fresh)
         return self.admit(now)
@@ -308,9 +314,11 @@ class Scheduler:
             self.stats.lease_expiries += 1
             if request is not None and request.state is State.LEASED:
                 self._resume(request, lease.thief_id, "lease expired", fx)
-        for request in [r for r in self.requests.values()
-                        if r.state in (State.PENDING, State.LEASED) and not r.origin_id and r.deadline <= now]:
-            self._end(request, State.FAILED, fx, error="request timed out waiting to be scheduled")
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            request = self.requests.get(request_id)
+            if request is not None and request.state in (State.PENDING, State.LEASED):
+                self._end(request, State.FAILED, fx, error="request timed out waiting to be scheduled")
         if now - self._last_heartbeat >= self.params.heartbeat_interval:
             self._last_heartbeat = now
             for origin_id, refs in self.remote.heartbeats().items():
@@ -343,7 +351,7 @@ class Scheduler:
         request.attempts += 1
         request.is_pinned = True
         request.transition(State.PENDING)
-        self.pending.insert(0, request)
+        self.pending.push_front(request)
         self.stats.resumed += 1
 
     def _release_running(self, request: Request) -> None:

@@ -1,5 +1,6 @@
 import random
 
+from p2psched.pending import PendingQueue
 from p2psched.policy import PeerLoad, choose_victims, select_grant
 from p2psched.protocol import Sampling
 from p2psched.request import Request
@@ -25,20 +26,40 @@ def test_victim_ties_are_broken_at_random():
     assert len(firsts) > 1
 
 
+def grant(requests, max_requests, max_tokens):
+    queue = PendingQueue()
+    for r in requests:
+        queue.push_back(r)
+    return select_grant(queue.from_back(), queue.total_work, max_requests, max_tokens)
+
+
 def test_grant_never_takes_the_head_and_stops_near_half():
     pending = [req(i) for i in range(10)]  # 20 tokens of work each, 200 in all
-    granted = select_grant(pending, max_requests=100, max_tokens=10_000)
+    granted = grant(pending, max_requests=100, max_tokens=10_000)
     assert [r.request_id for r in granted] == ["r9", "r8", "r7", "r6", "r5"]
     assert pending[0] not in granted
 
 
 def test_grant_respects_thief_capacity_and_pins():
     pending = [req(0), req(1), req(2, pinned=True), req(3, prompt=500), req(4)]
-    granted = select_grant(pending, max_requests=2, max_tokens=100)
+    granted = grant(pending, max_requests=2, max_tokens=100)
     assert [r.request_id for r in granted] == ["r4", "r1"]
-    assert select_grant(pending, max_requests=1, max_tokens=5) == []
+    assert grant(pending, max_requests=1, max_tokens=5) == []
 
 
 def test_grant_from_one_request_queue_is_empty():
-    assert select_grant([req(0)], 10, 10_000) == []
-    assert [r.request_id for r in select_grant([req(0), req(1, prompt=1000)], 10, 10_000)] == ["r1"]
+    assert grant([req(0)], 10, 10_000) == []
+    assert [r.request_id for r in grant([req(0), req(1, prompt=1000)], 10, 10_000)] == ["r1"]
+
+
+def test_pending_queue_keeps_order_and_work_total():
+    queue = PendingQueue()
+    a, b, c = req(0), req(1, prompt=30), req(2)
+    queue.push_back(a)
+    queue.push_back(b)
+    queue.push_front(c)
+    assert [r.request_id for r in queue] == ["r2", "r0", "r1"]
+    assert queue.total_work == 20 + 40 + 20
+    assert [r.request_id for r in queue.from_back()] == ["r1", "r0"]
+    queue.remove(a)
+    assert queue.pop_front() is c and queue.head() is b and queue.total_work == 40
