@@ -135,6 +135,10 @@ def _plot(samples: dict[str, list[float]], names: dict[str, str], out: Path) -> 
         values = sorted(samples[key])
         ax.plot(values, [i / len(values) for i in range(len(values))], label=label)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("round trip (µs, log scale)")
     ax.set_ylabel("fraction of round trips")
     ax.set_title("p2psched RPC latency on loopback")
