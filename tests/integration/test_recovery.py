@@ -149,7 +149,8 @@ def test_sigterm_drains_in_flight_requests_and_deregisters(cluster_factory):
     assert sum(1 for _ in client_redis.scan_iter("p2psched:*:node:*")) == 1
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(complete, node.url, i, 60) for i in range(6)]
-        wait_for(lambda: node.stats()["load"]["running"] == 2)
+        wait_for(lambda: node.stats()["stats"]["received"] == 6)  # all accepted: 2 running, 4 queued
+        assert node.stats()["load"]["running"] == 2
         code = node.terminate()
         bodies = [f.result(timeout=60) for f in futures]
     assert code == 0
