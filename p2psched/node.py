@@ -323,6 +323,7 @@ class Node:
         for peer in self.peers.values():
             if peer.model_id == self.engine.model_id:
                 self._links.link(peer)  # connect early: the first steal must not wait for a handshake
+        self._links.prune(set(self.peers) | self.scheduler.remote.origins())
 
     async def _registry_loop(self) -> None:
         """Heartbeat every interval, and soon after our queue length changes (rate-limited)."""

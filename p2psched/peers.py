@@ -71,8 +71,14 @@ class PeerLinks:
         link.peer = peer
         return link
 
-    def known(self, node_id: str) -> bool:
-        return node_id in self._links
+    def prune(self, keep: set[str]) -> None:
+        """Close links to peers that left the registry and owe us nothing."""
+        for node_id in [n for n in self._links if n not in keep]:
+            link = self._links.pop(node_id)
+            if link.waiting:
+                self._links[node_id] = link  # a steal is in flight: keep it for now
+                continue
+            link.close()
 
     async def steal(self, peer: PeerLoad, request: Steal, timeout: float) -> Grant | None:
         """Send a steal RPC; the grant, or None on timeout or when the send fails."""

@@ -36,6 +36,9 @@ class RemoteTasks:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._tasks
 
+    def origins(self) -> set[str]:
+        return set(self._last_heard)
+
     def get(self, request_id: str) -> RemoteTask | None:
         return self._tasks.get(request_id)
 
