@@ -1,0 +1,175 @@
+"""The inference engine: add, abort, step. Synchronous and single-owner (one thread calls it).
+
+``step()`` reads as schedule -> run -> postprocess: the batcher picks what to compute, the
+model runs one forward pass over the flattened batch, then sampled tokens are appended and
+finished sequences are released.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttentionBackend, AttentionMetadata, TorchAttention
+from .batcher import Batcher, Scheduled
+from .block_manager import BlockManager
+from .detokenizer import Decoder, TextStream
+from .model import LlamaModel
+from .model_config import ModelConfig
+from .sampling import SamplingParams, sample
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_blocks: int = 0  # 0: size from kv_cache_memory
+    kv_cache_memory: float = 0.0  # bytes on CPU; fraction of free memory on CUDA; 0: default
+    max_model_len: int = 0  # 0: the model's max_position_embeddings (capped at 8192)
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, model: LlamaModel, cfg: ModelConfig, tokenizer: Decoder, config: EngineConfig,
+                 backend: AttentionBackend | None = None, model_id: str = ""):
+        self.model = model
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_id = model_id
+        self.backend = backend or TorchAttention()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
+        num_blocks = config.kv_cache_blocks or self._blocks_from_memory()
+        # [layers] x [2, num_blocks, block_size, kv_heads, head_dim]
+        self.kv_caches = [torch.zeros(2, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim,
+                                      dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        log.info("engine: %d KV blocks x %d tokens, max %d seqs, %d batched tokens, attention=%s",
+                 num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens, self.backend.name)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    def _blocks_from_memory(self) -> int:
+        cfg, block = self.cfg, self.config.block_size
+        bytes_per_block = 2 * cfg.num_layers * block * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * (self.config.kv_cache_memory or 0.8)
+        else:
+            wanted = self.config.max_num_seqs * self.max_model_len * bytes_per_block // block
+            budget = self.config.kv_cache_memory or min(wanted, 2 << 30)
+        return max(2, int(budget // bytes_per_block))
+
+    # ---- API ----
+
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+            output_ids: list[int] | None = None) -> None:
+        """Queue a request; ``output_ids`` are tokens already delivered (a resumed request)."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) + params.max_tokens > min(self.max_model_len, self.kv_capacity_tokens):
+            raise ValueError(f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceed the "
+                             f"context this engine can hold ({min(self.max_model_len, self.kv_capacity_tokens)})")
+        seq = Sequence(request_id, list(prompt_ids), params, list(output_ids or []))
+        if params.stop:
+            seq.text = TextStream(self.tokenizer, list(params.stop))
+            seq.text.push(seq.output_ids)
+        self.seqs[request_id] = seq
+        self.batcher.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.batcher.remove(seq)
+
+    def has_work(self) -> bool:
+        return self.batcher.has_work()
+
+    def step(self) -> list[StepOutput]:
+        batch = self.batcher.schedule()
+        if not batch:
+            return []
+        logits = self._run(batch)
+        return self._postprocess(batch, logits)
+
+    # ---- internals ----
+
+    def _run(self, batch: list[Scheduled]) -> torch.Tensor | None:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows: list[int] = []
+        bs = self.blocks.block_size
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.num_tokens
+            token_ids += seq.tokens(start, end)
+            positions += range(start, end)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+            if item.is_last_chunk:
+                logit_rows.append(len(token_ids) - 1)
+        meta = AttentionMetadata(
+            query_lens=[item.num_tokens for item in batch],
+            context_lens=[item.seq.num_computed + item.num_tokens for item in batch],
+            block_tables=[item.seq.block_table for item in batch],
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_size=bs)
+        return self.model(torch.tensor(token_ids, dtype=torch.long, device=self.device),
+                          torch.tensor(positions, dtype=torch.long, device=self.device),
+                          self.kv_caches, meta, self.backend,
+                          torch.tensor(logit_rows, dtype=torch.long, device=self.device))
+
+    def _postprocess(self, batch: list[Scheduled], logits: torch.Tensor | None) -> list[StepOutput]:
+        sampling = [item.seq for item in batch if item.is_last_chunk]
+        tokens = sample(logits, [s.params for s in sampling], [len(s.output_ids) for s in sampling]) \
+            if sampling and logits is not None else []
+        for item in batch:
+            item.seq.num_computed += item.num_tokens
+            self._seal_full_blocks(item.seq)
+        outputs = []
+        for seq, token in zip(sampling, tokens):
+            seq.output_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.abort(seq.request_id)
+            outputs.append(StepOutput(seq.request_id, [token], reason))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            return "stop"
+        if seq.text is not None:
+            seq.text.push([token])
+            if seq.text.is_stopped:
+                return "stop"
+        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _seal_full_blocks(self, seq: Sequence) -> None:
+        bs = self.blocks.block_size
+        while len(seq.block_hashes) < seq.num_computed // bs:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else b""
+            seq.block_hashes.append(self.blocks.seal(seq.block_table[i], parent, seq.tokens(i * bs, (i + 1) * bs)))

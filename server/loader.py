@@ -1,0 +1,168 @@
+"""Load a model: a built-in preset (deterministic random weights) or a local Hugging Face
+directory (config.json, *.safetensors with optional index, tokenizer.json,
+generation_config.json). Every problem is a ``ModelLoadError`` with one clear line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .model import LlamaModel
+from .model_config import PRESETS, ModelConfig
+from .tokenizer import ByteTokenizer, HFTokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: LlamaModel
+    tokenizer: ByteTokenizer | HFTokenizer
+    model_id: str
+    name: str
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load(source: str, dtype: str = "auto", device: str = "cpu", seed: int = 0) -> LoadedModel:
+    dev = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if source in PRESETS:
+        return _load_preset(source, torch_dtype, dev, seed)
+    return _load_dir(Path(source), torch_dtype, dev)
+
+
+def _load_preset(name: str, dtype: torch.dtype, device: torch.device, seed: int) -> LoadedModel:
+    cfg = PRESETS[name]
+    log.info("building preset %r with random weights (seed %d)", name, seed)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if pname.endswith("norm.weight") or "layernorm" in pname:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02 if name != "tiny" else 0.2, generator=gen)
+    model.rope.rebuild(device)
+    model.eval()
+    tokenizer = ByteTokenizer() if cfg.vocab_size == ByteTokenizer.vocab_size else _no_tokenizer(name)
+    return LoadedModel(cfg, model, tokenizer, cfg.model_id(f"preset:{name}:{seed}:{dtype}"), name)
+
+
+def _no_tokenizer(name: str) -> ByteTokenizer:
+    log.warning("preset %r has no tokenizer; prompts are byte-encoded (throughput measurements only)", name)
+    return ByteTokenizer()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: no weight_map")
+        files = sorted({root / str(f) for f in weight_map.values()})
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{root}: no *.safetensors weights found")
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ModelLoadError(f"{root}: weight shard(s) listed in the index are missing: {', '.join(missing)}")
+    return files
+
+
+def _weights_digest(files: list[Path]) -> str:
+    """Hash of each shard's safetensors header (names, dtypes, shapes, offsets) and size."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            h.update(fh.read(min(n, 100_000_000)))
+        h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    if not root.is_dir():
+        raise ModelLoadError(f"model {str(root)!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
+    for needed in ("config.json", "tokenizer.json"):
+        if not (root / needed).is_file():
+            raise ModelLoadError(f"{root}: missing {needed}")
+    raw = _read_json(root / "config.json")
+    eos: tuple[int, ...] = ()
+    if (root / "generation_config.json").is_file():
+        gen_eos = _read_json(root / "generation_config.json").get("eos_token_id")
+        if gen_eos is not None:
+            eos = tuple(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    cfg = ModelConfig.from_hf(raw, eos)
+    files = _weight_files(root)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.rope.rebuild(device)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    seen: set[str] = set()
+    from safetensors import safe_open
+
+    for i, f in enumerate(files):
+        log.info("loading weights %d/%d: %s", i + 1, len(files), f.name)
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in st.keys():
+                    if name not in params or name in seen:
+                        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                            continue
+                        if "rotary_emb" in name:
+                            continue
+                        raise ModelLoadError(f"{f.name}: unexpected tensor {name!r} for {cfg.architecture}")
+                    tensor = st.get_tensor(name)
+                    target = params[name]
+                    if tuple(tensor.shape) != tuple(target.shape):
+                        raise ModelLoadError(f"{f.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                             f"config.json implies {tuple(target.shape)}")
+                    with torch.no_grad():
+                        target.copy_(tensor.to(dtype))
+                    seen.add(name)
+        except (OSError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(f"{f}: cannot read safetensors: {exc}") from None
+    missing = sorted(expected - seen)
+    if missing:
+        raise ModelLoadError(f"{root}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    tokenizer = HFTokenizer(root / "tokenizer.json")
+    return LoadedModel(cfg, model, tokenizer, cfg.model_id(_weights_digest(files)), root.name)
