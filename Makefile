@@ -6,9 +6,14 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test unit integration typecheck demo bench clean
 
+# pyproject keeps a torch range; here we pin the CPU build that lies on this kind of machine, so
+# an unpinned install never pulls a multi-GB CUDA build. Override with TORCH_SPEC=... elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

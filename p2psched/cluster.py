@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Start an embedded Redis and N nodes; Ctrl-C stops everything. "
                                                  "Arguments after -- go to every node.")
     parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--engine", choices=["sim"], default="sim")
+    parser.add_argument("--engine", choices=["real", "sim"], default="real")
+    parser.add_argument("--model", default="", help="preset or model directory (default: tiny, or sim)")
     parser.add_argument("--scheduler-name", choices=["local", "global"], default="global")
     parser.add_argument("--topic", default="default")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.nodes <= 64:
         print(f"{parser.prog}: error: --nodes must be in 1..64", file=sys.stderr)
         return 2
-    cluster = Cluster(args.nodes, ["--engine", args.engine, *node_args], args.topic, args.scheduler_name)
+    model = ["--model", args.model] if args.model else []
+    cluster = Cluster(args.nodes, ["--engine", args.engine, *model, *node_args], args.topic, args.scheduler_name)
     try:
         cluster.start()
         print(f"redis: {cluster.redis.url}")

@@ -98,11 +98,17 @@ class NodeConfig:
     steal_port: int = 0  # 0 = an ephemeral port
     result_port: int = 0
     node_name: str = ""
-    engine: Literal["sim"] = "sim"
+    engine: Literal["real", "sim"] = "real"
+    model: str = ""  # preset name or Hugging Face directory; "" = "tiny" (real) or "sim"
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # cuda when available, else cpu
     max_num_seqs: int = 8
+    max_num_batched_tokens: int = 2048
+    kv_cache_blocks: int = 0  # 0: sized from memory
+    block_size: int = 16
+    max_model_len: int = 0  # 0: the model's own limit (capped at 8192)
     max_queue_len: int = 4096  # pending requests beyond this get 503 + Retry-After
     max_tokens_cap: int = 4096
-    model: str = "sim"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sim: SimEngineConfig = field(default_factory=SimEngineConfig)
 
@@ -111,11 +117,24 @@ class NodeConfig:
         _check_port("port", self.port)
         _check_port("steal port", self.steal_port)
         _check_port("result port", self.result_port)
-        _check(self.engine == "sim", f"engine must be 'sim', got {self.engine!r}")
+        _check(self.engine in ("real", "sim"), f"engine must be 'real' or 'sim', got {self.engine!r}")
         _check(1 <= self.max_num_seqs <= 4096, f"max num seqs must be in 1..4096, got {self.max_num_seqs}")
+        _check(self.max_num_batched_tokens >= 1, "max num batched tokens must be >= 1")
+        _check(self.kv_cache_blocks >= 0, "kv cache blocks must be >= 0 (0 = size from memory)")
+        _check(self.block_size in (8, 16, 32, 64, 128), "block size must be 8, 16, 32, 64 or 128")
+        _check(self.max_model_len >= 0, "max model len must be >= 0 (0 = the model's own)")
+        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
+               f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _check(self.max_queue_len >= 1, "max queue len must be >= 1")
         _check(self.max_tokens_cap >= 1, "max tokens cap must be >= 1")
         _check(len(self.node_name) <= 128, "node name must be at most 128 characters")
+
+    @property
+    def model_name(self) -> str:
+        """The model name clients send and /v1/models lists."""
+        return self.model or ("sim" if self.engine == "sim" else "tiny")
 
     @property
     def public_host(self) -> str:

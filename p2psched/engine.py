@@ -28,6 +28,10 @@ class EngineLimits:
     max_kv_tokens: int  # prompt + output tokens the KV cache holds across all sequences
     max_model_len: int
     vocab_size: int
+    # Admission reserves prompt + min(max_tokens, this) KV tokens per request; None reserves all
+    # of max_tokens (an engine that preempts on overflow can afford to overcommit).
+    reserve_output_tokens: int | None = None
+    supports_stop_strings: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,6 @@ class EngineRequest:
     sampling: Sampling
     # Tokens already delivered to the client by an earlier attempt; generation resumes after them.
     output_token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def reserved_tokens(self) -> int:
-        """KV tokens this request can grow to: what admission control reserves for it."""
-        return len(self.prompt_token_ids) + self.sampling.max_tokens
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,19 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
+
+
+class TextStream(Protocol):
+    """Token ids in, visible text out; stops at a stop string (see server/detokenizer.py)."""
+
+    is_stopped: bool
+
+    def push(self, token_ids: list[int]) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+TextStreamFactory = Callable[[list[str]], TextStream]
 
 
 class Engine(Protocol):

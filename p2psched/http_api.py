@@ -109,7 +109,7 @@ class HttpServer:
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": self.node.config.model, "object": "model", "owned_by": "p2psched",
+            {"id": self.node.config.model_name, "object": "model", "owned_by": "p2psched",
              "created": int(self.node.started_at), "root": self.node.engine.model_id}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -127,13 +127,16 @@ class HttpServer:
             first = exc.errors()[0]
             param = str(first["loc"][0]) if first["loc"] else None
             return error_response(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
-        if req.model is not None and req.model not in (self.node.config.model, self.node.engine.model_id):
+        if req.model is not None and req.model not in (self.node.config.model_name, self.node.engine.model_id):
             return error_response(404, f"model {req.model!r} does not exist; this node serves "
-                                       f"{self.node.config.model!r}", param="model", code="model_not_found")
-        if req.stop:
+                                       f"{self.node.config.model_name!r}", param="model", code="model_not_found")
+        limits = self.node.engine.limits
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if stop and not limits.supports_stop_strings:
             return error_response(400, "stop strings are not supported by the simulated engine; "
                                        "use stop_token_ids", param="stop")
-        limits = self.node.engine.limits
+        if len(stop) > 16 or any(not s or len(s) > 256 for s in stop):
+            return error_response(400, "stop: at most 16 strings of 1..256 characters", param="stop")
         prompt_ids = self.node.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
         if not prompt_ids:
             return error_response(400, "prompt must not be empty", param="prompt")
@@ -150,7 +153,7 @@ class HttpServer:
         sampling = Sampling(max_tokens=req.max_tokens,
                             seed=req.seed if req.seed is not None else random.getrandbits(63),
                             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                            ignore_eos=req.ignore_eos, stop_token_ids=list(req.stop_token_ids or []))
+                            ignore_eos=req.ignore_eos, stop_token_ids=list(req.stop_token_ids or []), stop=stop)
         try:
             handle = self.node.submit(prompt_ids, sampling)
         except RequestRejected as exc:
@@ -159,9 +162,9 @@ class HttpServer:
         is_finished = False
         try:
             if req.stream:
-                response = await self._stream(request, req, handle, len(prompt_ids))
+                response = await self._stream(request, req, handle, len(prompt_ids), stop)
             else:
-                response = await self._collect(req, handle, len(prompt_ids))
+                response = await self._collect(req, handle, len(prompt_ids), stop)
             is_finished = True
             return response
         finally:
@@ -172,7 +175,7 @@ class HttpServer:
 
     def _envelope(self, handle: Handle, req: CompletionRequest) -> dict[str, Any]:
         return {"id": f"cmpl-{handle.request_id}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model or self.node.config.model}
+                "model": req.model or self.node.config.model_name}
 
     def _p2p(self, last: ClientEvent) -> dict[str, Any]:
         return {"origin": self.node.name, "served_by": last.served_by, "attempts": last.attempts}
@@ -182,17 +185,22 @@ class HttpServer:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def _collect(self, req: CompletionRequest, handle: Handle, num_prompt: int) -> web.Response:
+    async def _collect(self, req: CompletionRequest, handle: Handle, num_prompt: int,
+                       stop: list[str]) -> web.Response:
         token_ids: list[int] = []
+        text = self.node.text_stream(stop)
+        parts: list[str] = []
         while True:
             event = await handle.events.get()
             token_ids += event.token_ids
-            if event.error is not None:
-                return error_response(503, f"request failed: {event.error}", "server_error",
+            parts.append(text.push(event.token_ids))
+            if event.error is not None or event.finish_reason == "error":
+                return error_response(503, f"request failed: {event.error or 'engine error'}", "server_error",
                                       code="request_failed", headers={"Retry-After": "1"})
             if event.finish_reason is not None:
                 break
-        choice: dict[str, Any] = {"index": 0, "text": self.node.tokenizer.decode(token_ids), "logprobs": None,
+        parts.append(text.flush())
+        choice: dict[str, Any] = {"index": 0, "text": "".join(parts), "logprobs": None,
                                   "finish_reason": event.finish_reason}
         if req.return_token_ids:
             choice["token_ids"] = token_ids
@@ -201,11 +209,12 @@ class HttpServer:
                                   "usage": self._usage(num_prompt, len(token_ids)), "p2psched": self._p2p(event)})
 
     async def _stream(self, request: web.Request, req: CompletionRequest, handle: Handle,
-                      num_prompt: int) -> web.StreamResponse:
+                      num_prompt: int, stop: list[str]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         envelope = self._envelope(handle, req)
         num_tokens = 0
+        text = self.node.text_stream(stop)
 
         async def send(payload: dict[str, Any]) -> None:
             await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
@@ -213,11 +222,12 @@ class HttpServer:
         while True:
             event = await handle.events.get()
             num_tokens += len(event.token_ids)
-            if event.error is not None:
-                await send({"error": {"message": f"request failed: {event.error}", "type": "server_error",
-                                      "param": None, "code": "request_failed"}})
+            if event.error is not None or event.finish_reason == "error":
+                await send({"error": {"message": f"request failed: {event.error or 'engine error'}",
+                                      "type": "server_error", "param": None, "code": "request_failed"}})
                 break
-            choice: dict[str, Any] = {"index": 0, "text": self.node.tokenizer.decode(event.token_ids),
+            delta = text.push(event.token_ids) + (text.flush() if event.finish_reason is not None else "")
+            choice: dict[str, Any] = {"index": 0, "text": delta,
                                       "logprobs": None, "finish_reason": event.finish_reason}
             if req.return_token_ids:
                 choice["token_ids"] = event.token_ids

@@ -29,7 +29,7 @@ import zmq.asyncio
 
 from . import PROTOCOL_VERSION
 from .config import NodeConfig
-from .engine import Engine, EngineOutput, EngineRunner, Tokenizer
+from .engine import Engine, EngineOutput, EngineRunner, TextStreamFactory, Tokenizer
 from .errors import RegistryUnavailable
 from .peers import PeerLinks
 from .policy import PeerLoad, choose_victims
@@ -63,10 +63,11 @@ class Handle:
 
 
 class Node:
-    def __init__(self, config: NodeConfig, engine: Engine, tokenizer: Tokenizer):
+    def __init__(self, config: NodeConfig, engine: Engine, tokenizer: Tokenizer, text_stream: TextStreamFactory):
         self.config = config
         self.engine = engine
         self.tokenizer = tokenizer
+        self.text_stream = text_stream
         self.node_id = uuid.uuid4().hex
         self.started_at = time.time()
         self.stats = Stats()

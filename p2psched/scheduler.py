@@ -129,6 +129,11 @@ class Scheduler:
 
     # ---- client side ----
 
+    def _reservation(self, request: Request) -> int:
+        cap = self.params.limits.reserve_output_tokens
+        outputs = request.sampling.max_tokens if cap is None else min(cap, request.sampling.max_tokens)
+        return len(request.prompt_token_ids) + outputs
+
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, now: float) -> Request:
         if len(self.pending) >= self.params.max_queue_len:
             raise RequestRejected("the server's queue is full; retry later", 503, "server_overloaded")
@@ -159,7 +164,7 @@ class Scheduler:
         while self.pending and self.free_slots > 0:
             request = self.pending.head()
             assert request is not None
-            if request.reserved_tokens > self.free_kv_tokens:
+            if self._reservation(request) > self.free_kv_tokens:
                 break
             self.pending.pop_front()
             if request.remaining_tokens == 0:  # resumed after its last token was delivered
@@ -168,7 +173,7 @@ class Scheduler:
                 continue
             request.transition(State.RUNNING)
             self.running[request.request_id] = request
-            self._reserved_tokens += request.reserved_tokens
+            self._reserved_tokens += self._reservation(request)
             fx.engine_add.append(EngineRequest(request.request_id, request.prompt_token_ids,
                                                request.sampling, list(request.delivered_token_ids)))
         return fx
@@ -356,7 +361,7 @@ class Scheduler:
 
     def _release_running(self, request: Request) -> None:
         if self.running.pop(request.request_id, None) is not None:
-            self._reserved_tokens -= request.reserved_tokens
+            self._reserved_tokens -= self._reservation(request)
 
     def _drop_stolen_in(self, request_id: str, fx: Effects) -> None:
         request = self.requests.pop(request_id, None)

@@ -31,10 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--steal-port", type=int, default=d.steal_port, help="ZeroMQ steal port (0 = any free)")
     node.add_argument("--result-port", type=int, default=d.result_port, help="ZeroMQ result port (0 = any free)")
     node.add_argument("--node-name", default=d.node_name, help="name shown in the registry and responses")
-    node.add_argument("--engine", choices=["sim"], default=d.engine, help="engine (default %(default)s)")
-    node.add_argument("--model", default=d.model, help="model name clients send (default %(default)s)")
-    node.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
-                      help="sequences the engine runs at once (default %(default)s)")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--engine", choices=["real", "sim"], default=d.engine,
+                     help="real: the LLM engine; sim: a cost model for scale experiments (default %(default)s)")
+    eng.add_argument("--model", default=d.model,
+                     help="a preset (tiny, small, llama-1b: random weights) or a Hugging Face model directory "
+                          "(default: tiny; 'sim' with --engine sim)")
+    eng.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    eng.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "float16", "bfloat16"],
+                     help="weights and KV cache (auto: float32 on CPU, bfloat16 on CUDA)")
+    eng.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                     help="sequences the engine runs at once (default %(default)s)")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                     help="tokens per engine step, prefill chunks included (default %(default)s)")
+    eng.add_argument("--kv-cache-blocks", type=int, default=d.kv_cache_blocks,
+                     help="KV cache size in blocks (default 0: from memory)")
+    eng.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block (default %(default)s)")
+    eng.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                     help="longest prompt + output (default 0: the model's own, capped at 8192)")
     node.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
                       help="pending requests before new ones get 503 (default %(default)s)")
     node.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -82,13 +96,39 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                           max_model_len=args.sim_max_model_len)
     return NodeConfig(host=args.host, advertise_host=args.advertise_host, port=args.port,
                       steal_port=args.steal_port, result_port=args.result_port, node_name=args.node_name,
-                      engine=args.engine, model=args.model, max_num_seqs=args.max_num_seqs,
-                      max_queue_len=args.max_queue_len, scheduler=scheduler, sim=sim)
+                      engine=args.engine, model=args.model, device=args.device, dtype=args.dtype,
+                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      kv_cache_blocks=args.kv_cache_blocks, block_size=args.block_size,
+                      max_model_len=args.max_model_len, max_queue_len=args.max_queue_len,
+                      scheduler=scheduler, sim=sim)
 
 
 def build_node(config: NodeConfig) -> Node:
-    engine = SimEngine(config.sim, config.max_num_seqs)
-    return Node(config, engine, SimTokenizer())
+    """Raises ``ConfigError`` or ``server.errors.ModelLoadError`` with a one-line reason."""
+    from server.detokenizer import TextStream
+
+    if config.engine == "sim":
+        sim_tokenizer = SimTokenizer()
+        return Node(config, SimEngine(config.sim, config.max_num_seqs), sim_tokenizer,
+                    lambda stop: TextStream(sim_tokenizer, stop))
+    import torch
+
+    from server.engine import EngineConfig
+    from server.loader import load
+
+    from .real_engine import RealEngine
+
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    loaded = load(config.model_name, config.dtype, device)
+    engine = RealEngine(loaded, EngineConfig(
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        block_size=config.block_size, kv_cache_blocks=config.kv_cache_blocks, max_model_len=config.max_model_len))
+    tokenizer = loaded.tokenizer
+    return Node(config, engine, tokenizer, lambda stop: TextStream(tokenizer, stop))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s " + (config.node_name or "node") + " %(name)s: %(message)s")
-    node = build_node(config)
+    from server.errors import ModelLoadError
+
+    try:
+        node = build_node(config)
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         import uvloop
 

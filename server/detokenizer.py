@@ -41,11 +41,17 @@ class TextStream:
         return self._emit(self._held + after[len(before):])
 
     def flush(self) -> str:
-        """At the end of the stream: whatever was held back for a stop string that never came."""
+        """At the end of the stream: what was held back (an incomplete character decodes to U+FFFD,
+        text that could have begun a stop string is shown)."""
         if self.is_stopped:
             return ""
-        out, self._held = self._held, ""
-        self.text += out
+        before = self._tok.decode(self._ids[self._prefix:self._read])
+        tail = self._tok.decode(self._ids[self._prefix:])[len(before):]
+        self._prefix = self._read = len(self._ids)
+        out = self._emit(self._held + tail)
+        if not self.is_stopped:
+            out, self._held = out + self._held, ""
+            self.text += self._held
         return out
 
     def _emit(self, candidate: str) -> str:

@@ -114,7 +114,7 @@ class LLMEngine:
 
     # ---- internals ----
 
-    def _run(self, batch: list[Scheduled]) -> torch.Tensor | None:
+    def _run(self, batch: list[Scheduled]) -> torch.Tensor:
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -134,15 +134,16 @@ class LLMEngine:
             block_tables=[item.seq.block_table for item in batch],
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_size=bs)
-        return self.model(torch.tensor(token_ids, dtype=torch.long, device=self.device),
+        logits: torch.Tensor = self.model(torch.tensor(token_ids, dtype=torch.long, device=self.device),
                           torch.tensor(positions, dtype=torch.long, device=self.device),
                           self.kv_caches, meta, self.backend,
                           torch.tensor(logit_rows, dtype=torch.long, device=self.device))
+        return logits
 
-    def _postprocess(self, batch: list[Scheduled], logits: torch.Tensor | None) -> list[StepOutput]:
+    def _postprocess(self, batch: list[Scheduled], logits: torch.Tensor) -> list[StepOutput]:
         sampling = [item.seq for item in batch if item.is_last_chunk]
         tokens = sample(logits, [s.params for s in sampling], [len(s.output_ids) for s in sampling]) \
-            if sampling and logits is not None else []
+            if sampling else []
         for item in batch:
             item.seq.num_computed += item.num_tokens
             self._seal_full_blocks(item.seq)

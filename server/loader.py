@@ -56,13 +56,15 @@ def _load_preset(name: str, dtype: torch.dtype, device: torch.device, seed: int)
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty() gives each module its own tensor: tie again
+        model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[assignment]
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if pname.endswith("norm.weight") or "layernorm" in pname:
                 param.fill_(1.0)
             else:
-                param.normal_(0.0, 0.02 if name != "tiny" else 0.2, generator=gen)
+                param.normal_(0.0, 0.2 if name == "tiny" else 0.02, generator=gen)
     model.rope.rebuild(device)
     model.eval()
     tokenizer = ByteTokenizer() if cfg.vocab_size == ByteTokenizer.vocab_size else _no_tokenizer(name)
@@ -162,7 +164,7 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
     if missing:
         raise ModelLoadError(f"{root}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[assignment]
     model.eval()
     tokenizer = HFTokenizer(root / "tokenizer.json")
     return LoadedModel(cfg, model, tokenizer, cfg.model_id(_weights_digest(files)), root.name)

@@ -20,7 +20,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        out: torch.Tensor = self.weight * xf.to(x.dtype)
+        return out
 
 
 class Attention(nn.Module):
@@ -42,7 +43,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(tokens, self.cfg.num_kv_heads, self.cfg.head_dim)
         q, k = self.rope(positions, q, k)
         o = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, dim]
-        return self.o_proj(o.reshape(tokens, self.cfg.q_size))
+        out: torch.Tensor = self.o_proj(o.reshape(tokens, self.cfg.q_size))
+        return out
 
 
 class MLP(nn.Module):
@@ -53,7 +55,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -67,7 +70,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaModel(nn.Module):
@@ -77,10 +89,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.model = Backbone(cfg, rope)
         self.rope = rope
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -94,4 +103,5 @@ class LlamaModel(nn.Module):
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, positions, kv_cache, meta, backend)
         x = self.model.norm(x[logit_rows])  # [n, hidden]
-        return self.lm_head(x).float()
+        logits: torch.Tensor = self.lm_head(x).float()
+        return logits

@@ -11,7 +11,7 @@ from p2psched.cluster import Cluster
 from p2psched.redis_server import EmbeddedRedis
 
 # Fast timings so failures are detected within a second or two.
-FAST = ["--heartbeat-interval", "0.3", "--lease-timeout", "1.0", "--steal-timeout", "0.2",
+FAST = ["--engine", "sim", "--heartbeat-interval", "0.3", "--lease-timeout", "1.0", "--steal-timeout", "0.2",
         "--scheduler-min-load-score", "2", "--max-num-seqs", "4", "--sim-decode-step-ms", "4"]
 
 

@@ -128,7 +128,7 @@ def test_unknown_route_is_an_openai_404(shared_node):
 def shared_node(tmp_path_factory):
     from p2psched.cluster import Cluster
 
-    cluster = Cluster(1, ["--scheduler-name", "local"], scheduler_name="local",
+    cluster = Cluster(1, ["--engine", "sim"], scheduler_name="local",
                       log_dir=str(tmp_path_factory.mktemp("shared")))
     try:
         yield cluster.start().nodes[0]

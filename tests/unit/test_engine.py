@@ -1,0 +1,100 @@
+"""The real engine on the tiny preset: batch invariance, preemption, prefix cache, stops, resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine import EngineConfig, LLMEngine
+from server.loader import load
+from server.sampling import SamplingParams
+
+TINY = load("tiny", "float32", "cpu")
+
+
+def engine(**kw) -> LLMEngine:
+    return LLMEngine(TINY.model, TINY.config, TINY.tokenizer, EngineConfig(**{"kv_cache_blocks": 256, **kw}))
+
+
+def run(eng: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]],
+        outputs: dict[str, list[int]] | None = None) -> dict[str, tuple[list[int], str]]:
+    for rid, (prompt, params) in requests.items():
+        eng.add(rid, prompt, params, (outputs or {}).get(rid))
+    got: dict[str, list[int]] = {rid: [] for rid in requests}
+    reasons: dict[str, str] = {}
+    for _ in range(10_000):
+        if not eng.has_work():
+            break
+        for out in eng.step():
+            got[out.request_id] += out.token_ids
+            if out.finish_reason:
+                reasons[out.request_id] = out.finish_reason
+    return {rid: (got[rid], reasons[rid]) for rid in requests}
+
+
+def mixed_requests() -> dict[str, tuple[list[int], SamplingParams]]:
+    requests = {}
+    for i in range(16):
+        prompt = TINY.tokenizer.encode(f"request {i}: " + "lorem ipsum " * (i * 3 % 17))
+        params = SamplingParams(max_tokens=8 + (i * 5) % 24, ignore_eos=True) if i % 2 == 0 else \
+            SamplingParams(max_tokens=8 + (i * 7) % 24, seed=1000 + i, temperature=0.9, top_p=0.9, top_k=50,
+                           ignore_eos=True)
+        requests[f"r{i}"] = (prompt, params)
+    return requests
+
+
+def test_tokens_are_the_same_alone_and_in_a_chunked_preempting_batch():
+    requests = mixed_requests()
+    alone = {rid: run(engine(), {rid: req})[rid] for rid, req in requests.items()}
+    busy = engine(max_num_seqs=16, max_num_batched_tokens=48, kv_cache_blocks=40, block_size=8)
+    together = run(busy, requests)
+    assert busy.batcher.num_preemptions > 0, "the KV budget was meant to force preemption"
+    assert together == alone
+
+
+def test_prefix_cache_hits_give_identical_output():
+    shared = TINY.tokenizer.encode("a long shared system prompt " * 6)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    reference = run(engine(), {"b": (shared + [65, 66], params)})["b"]
+    eng = engine()
+    run(eng, {"a": (shared + [70], params)})
+    hits_before = eng.blocks.prefix_hits
+    assert run(eng, {"b": (shared + [65, 66], params)})["b"] == reference
+    assert eng.blocks.prefix_hits - hits_before == (len(shared) + 1) // 16
+
+
+def test_a_resumed_request_continues_exactly():
+    prompt = TINY.tokenizer.encode("resume me")
+    for params in (SamplingParams(max_tokens=20, ignore_eos=True),
+                   SamplingParams(max_tokens=20, seed=9, temperature=1.0, ignore_eos=True)):
+        full, _ = run(engine(), {"x": (prompt, params)})["x"]
+        rest, reason = run(engine(), {"x": (prompt, params)}, {"x": full[:7]})["x"]
+        assert full[:7] + rest == full and reason == "length"
+
+
+def test_stop_string_across_tokens_ends_generation():
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    for n in range(50):
+        prompt = TINY.tokenizer.encode(f"find a stop {n}")
+        tokens, _ = run(engine(), {"x": (prompt, params)})["x"]
+        at = next((i for i in range(1, len(tokens) - 1)
+                   if all(32 <= t < 127 for t in tokens[i:i + 2]) and tokens[i] not in tokens[:i]), None)
+        if at is not None:
+            break
+    else:
+        pytest.fail("no printable two-byte window found")
+    stop = bytes(tokens[at:at + 2]).decode()
+    cut, reason = run(engine(), {"x": (prompt, SamplingParams(max_tokens=64, ignore_eos=True, stop=(stop,)))})["x"]
+    assert reason == "stop" and cut == tokens[:at + 2]
+
+
+def test_eos_and_stop_token_ids_finish_with_stop():
+    prompt = TINY.tokenizer.encode("stop ids")
+    tokens, _ = run(engine(), {"x": (prompt, SamplingParams(max_tokens=30, ignore_eos=True))})["x"]
+    cut, reason = run(engine(), {"x": (prompt, SamplingParams(max_tokens=30, stop_token_ids=(tokens[5],)))})["x"]
+    assert reason == "stop" and cut == tokens[:tokens.index(tokens[5]) + 1]
+
+
+def test_requests_longer_than_the_context_are_refused():
+    eng = engine(max_model_len=64)
+    with pytest.raises(ValueError, match="exceed"):
+        eng.add("x", [1] * 60, SamplingParams(max_tokens=10))
