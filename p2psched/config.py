@@ -107,6 +107,7 @@ class NodeConfig:
     kv_cache_blocks: int = 0  # 0: sized from memory
     block_size: int = 16
     max_model_len: int = 0  # 0: the model's own limit (capped at 8192)
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     max_queue_len: int = 4096  # pending requests beyond this get 503 + Retry-After
     max_tokens_cap: int = 4096
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -123,6 +124,7 @@ class NodeConfig:
         _check(self.kv_cache_blocks >= 0, "kv cache blocks must be >= 0 (0 = size from memory)")
         _check(self.block_size in (8, 16, 32, 64, 128), "block size must be 8, 16, 32, 64 or 128")
         _check(self.max_model_len >= 0, "max model len must be >= 0 (0 = the model's own)")
+        _check(self.cpu_threads >= 0, "cpu threads must be >= 0 (0 = torch's default)")
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
                f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

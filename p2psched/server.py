@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block (default %(default)s)")
     eng.add_argument("--max-model-len", type=int, default=d.max_model_len,
                      help="longest prompt + output (default 0: the model's own, capped at 8192)")
+    eng.add_argument("--cpu-threads", type=int, default=d.cpu_threads,
+                     help="torch threads on CPU (default 0: torch's choice; 1 when several nodes share a host)")
     node.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
                       help="pending requests before new ones get 503 (default %(default)s)")
     node.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -99,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                       engine=args.engine, model=args.model, device=args.device, dtype=args.dtype,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_blocks=args.kv_cache_blocks, block_size=args.block_size,
-                      max_model_len=args.max_model_len, max_queue_len=args.max_queue_len,
+                      max_model_len=args.max_model_len, cpu_threads=args.cpu_threads,
+                      max_queue_len=args.max_queue_len,
                       scheduler=scheduler, sim=sim)
 
 
@@ -123,6 +126,8 @@ def build_node(config: NodeConfig) -> Node:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
     loaded = load(config.model_name, config.dtype, device)
     engine = RealEngine(loaded, EngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
