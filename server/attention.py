@@ -19,16 +19,55 @@ import torch.nn.functional as F
 
 
 @dataclass
+class DecodeBucket:
+    """Decode rows of similar context length, attended in one call."""
+
+    rows: torch.Tensor  # [n] positions of the decode tokens in the flattened batch
+    tables: torch.Tensor  # [n, max_blocks] block tables, zero-padded
+    mask: torch.Tensor  # [n, 1, 1, max_ctx] True where a key is inside the context
+
+
+DECODE_BUCKET_ROWS = 16  # rows sorted by context length, cut in groups: little padding, few calls
+
+
+@dataclass
 class AttentionMetadata:
     query_lens: list[int]
     context_lens: list[int]
     block_tables: list[list[int]]
     slot_mapping: torch.Tensor  # [tokens] cache slot (block * block_size + offset) of each new token
     block_size: int
+    _decode_plan: list[DecodeBucket] | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    @property
+    def query_starts(self) -> list[int]:
+        starts = [0]
+        for n in self.query_lens[:-1]:
+            starts.append(starts[-1] + n)
+        return starts
+
+    def decode_plan(self, device: torch.device) -> list[DecodeBucket]:
+        """Index tensors for the decode rows, built once per step and shared by every layer."""
+        if self._decode_plan is None:
+            starts = self.query_starts
+            bs = self.block_size
+            decode = sorted((i for i, n in enumerate(self.query_lens) if n == 1), key=lambda i: self.context_lens[i])
+            self._decode_plan = []
+            for at in range(0, len(decode), DECODE_BUCKET_ROWS):
+                group = decode[at:at + DECODE_BUCKET_ROWS]
+                used = [(self.context_lens[i] + bs - 1) // bs for i in group]
+                tables = torch.zeros(len(group), max(used), dtype=torch.long)
+                for row, (i, n) in enumerate(zip(group, used)):
+                    tables[row, :n] = torch.tensor(self.block_tables[i][:n])
+                lens = torch.tensor([self.context_lens[i] for i in group])
+                mask = torch.arange(max(used) * bs).unsqueeze(0) < lens.unsqueeze(1)  # [n, max_ctx]
+                self._decode_plan.append(DecodeBucket(torch.tensor([starts[i] for i in group], device=device),
+                                                      tables.to(device), mask[:, None, None, :].to(device)))
+        return self._decode_plan
 
 
 class AttentionBackend(Protocol):
@@ -59,32 +98,58 @@ def gather_kv(kv_cache: torch.Tensor, block_table: list[int], context_len: int) 
 
 
 def reference_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Paged, variable-length, causal-to-the-end, grouped-query attention, one sequence at a time."""
+    """Paged, variable-length, causal-to-the-end, grouped-query attention, one sequence at a time.
+
+    The oracle of the kernels: the plainest correct form, float32 throughout."""
     out = torch.empty_like(q)
-    heads, kv_heads = q.shape[1], kv_cache.shape[3]
-    group = heads // kv_heads
     start = 0
     for query_len, context_len, table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
         k, v = gather_kv(kv_cache, table, context_len)  # [ctx, kv_heads, dim]
-        qs = q[start:start + query_len].transpose(0, 1)  # [heads, q_len, dim]
-        ks = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, dim]
-        vs = v.transpose(0, 1).repeat_interleave(group, dim=0)
-        mask = None
-        if query_len > 1:
-            rows = torch.arange(query_len, device=q.device).unsqueeze(1) + (context_len - query_len)
-            mask = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows  # [q_len, ctx]
-        o = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), attn_mask=mask, scale=scale)
-        out[start:start + query_len] = o.transpose(0, 1).to(q.dtype)
+        out[start:start + query_len] = _attend(q[start:start + query_len], k, v, context_len, scale)
         start += query_len
     return out
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
+    # q [q_len, heads, dim]; k, v [ctx, kv_heads, dim] -> [q_len, heads, dim]
+    query_len = q.shape[0]
+    mask = None
+    if query_len > 1:
+        rows = torch.arange(query_len, device=q.device).unsqueeze(1) + (context_len - query_len)
+        mask = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows  # [q_len, ctx]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(),
+                                       v.transpose(0, 1).float(), attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1).to(q.dtype)
+
+
+def batched_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, bucket: DecodeBucket,
+                             scale: float) -> torch.Tensor:
+    """Decode rows (one query each) in one call: K/V gathered into a padded batch, lengths masked.
+    q [n, heads, dim] -> [n, heads, dim]."""
+    kv = kv_cache[:, bucket.tables].flatten(2, 3)  # [2, n, max_ctx, kv_heads, dim]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2).float(), kv[0].transpose(1, 2).float(),  # q [n, heads, 1, dim]
+                                       kv[1].transpose(1, 2).float(), attn_mask=bucket.mask, scale=scale,
+                                       enable_gqa=True)
+    return o.squeeze(2).to(q.dtype)
+
+
 class TorchAttention:
-    """The CPU path and the oracle of the Triton kernels."""
+    """The CPU path: decode rows batched in one call, prefill chunks one sequence at a time."""
 
     name = "torch"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv(k, v, kv_cache, meta.slot_mapping)
-        return reference_attention(q, kv_cache, meta, scale)
+        if sum(1 for n in meta.query_lens if n == 1) < 2:
+            return reference_attention(q, kv_cache, meta, scale)
+        out = torch.empty_like(q)
+        for bucket in meta.decode_plan(q.device):
+            out[bucket.rows] = batched_decode_attention(q[bucket.rows], kv_cache, bucket, scale)
+        starts = meta.query_starts
+        for i, (query_len, context_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
+            if query_len > 1:
+                k_i, v_i = gather_kv(kv_cache, meta.block_tables[i], context_len)
+                out[starts[i]:starts[i] + query_len] = _attend(q[starts[i]:starts[i] + query_len], k_i, v_i,
+                                                               context_len, scale)
+        return out

@@ -132,8 +132,7 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
         model = LlamaModel(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.rope.rebuild(device)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    targets = model.hf_tensors()
     seen: set[str] = set()
     from safetensors import safe_open
 
@@ -142,14 +141,12 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
         try:
             with safe_open(str(f), framework="pt", device="cpu") as st:
                 for name in st.keys():
-                    if name not in params or name in seen:
-                        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                            continue
-                        if "rotary_emb" in name:
+                    if name not in targets or name in seen:
+                        if (name == "lm_head.weight" and cfg.tie_word_embeddings) or "rotary_emb" in name:
                             continue
                         raise ModelLoadError(f"{f.name}: unexpected tensor {name!r} for {cfg.architecture}")
                     tensor = st.get_tensor(name)
-                    target = params[name]
+                    target = targets[name]
                     if tuple(tensor.shape) != tuple(target.shape):
                         raise ModelLoadError(f"{f.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                              f"config.json implies {tuple(target.shape)}")
@@ -160,6 +157,7 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
             if isinstance(exc, ModelLoadError):
                 raise
             raise ModelLoadError(f"{f}: cannot read safetensors: {exc}") from None
+    expected = set(targets)
     missing = sorted(expected - seen)
     if missing:
         raise ModelLoadError(f"{root}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")

@@ -28,9 +28,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
         super().__init__()
         self.cfg = cfg
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        # q, k and v projections packed in one matmul: [q_size + 2 * kv_size, hidden]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.rope = rope
         self.scale = cfg.head_dim ** -0.5
@@ -38,9 +37,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.cfg.num_heads, self.cfg.head_dim)  # [tokens, heads, dim]
-        k = self.k_proj(x).view(tokens, self.cfg.num_kv_heads, self.cfg.head_dim)  # [tokens, kv_heads, dim]
-        v = self.v_proj(x).view(tokens, self.cfg.num_kv_heads, self.cfg.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
+        q = q.reshape(tokens, self.cfg.num_heads, self.cfg.head_dim)  # [tokens, heads, dim]
+        k = k.reshape(tokens, self.cfg.num_kv_heads, self.cfg.head_dim)  # [tokens, kv_heads, dim]
+        v = v.reshape(tokens, self.cfg.num_kv_heads, self.cfg.head_dim)
         q, k = self.rope(positions, q, k)
         o = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, dim]
         out: torch.Tensor = self.o_proj(o.reshape(tokens, self.cfg.q_size))
@@ -50,12 +50,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # packed
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [tokens, intermediate] each
+        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return out
 
 
@@ -82,8 +82,14 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+# Hugging Face tensors that live in a slice of one of our packed parameters.
+_PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
 class LlamaModel(nn.Module):
-    """Parameter names follow Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...)."""
+    """Parameter names follow Hugging Face's (``model.layers.0.self_attn.o_proj.weight``, ...), except
+    that q/k/v and gate/up are packed; ``hf_tensors`` maps HF names onto views of our parameters."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -94,6 +100,26 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """Every Hugging Face tensor name of this model -> the view of our weights it fills."""
+        cfg = self.cfg
+        splits = {"qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
+                  "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.named_parameters():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            packed = next((p for p in splits if p in parts), None)
+            if packed is None:
+                out[name] = param.data
+                continue
+            views = param.data.split(splits[packed], dim=0)
+            for hf_name, (target, index) in _PACKED.items():
+                if target == packed:
+                    out[".".join(hf_name if p == packed else p for p in parts)] = views[index]
+        return out
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

@@ -113,7 +113,7 @@ BYTE_VOCAB = 256 + 2  # bytes, then <bos>=256, <eos>=257
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("LlamaForCausalLM", BYTE_VOCAB, 64, 128, 2, 4, 2, 16, rms_norm_eps=1e-5,
                         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=256, eos_token_ids=(257,)),
-    "small": ModelConfig("LlamaForCausalLM", BYTE_VOCAB, 256, 688, 4, 8, 4, 32, max_position_embeddings=4096,
+    "small": ModelConfig("LlamaForCausalLM", BYTE_VOCAB, 512, 1376, 6, 8, 4, 64, max_position_embeddings=4096,
                          bos_token_id=256, eos_token_ids=(257,)),
     "llama-1b": ModelConfig("LlamaForCausalLM", 128256, 2048, 8192, 16, 32, 8, 64, rope_theta=500000.0,
                             rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
