@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=150)
     parser.add_argument("--rate", type=float, default=18.0, help="requests per second, all nodes together")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--engine", choices=["real", "sim"], default="real",
+                        help="real: the tiny model on CPU; sim: a cost model of a ~20 ms GPU step")
     parser.add_argument("--out", default="out/demo_latency.png")
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.requests < args.nodes or args.rate <= 0:
@@ -44,19 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(120, Console().width))
     items = workload(args.requests, args.nodes, args.rate, args.seed)
     tokens = sum(it.max_tokens for it in items)
-    console.print(f"[bold]seed scenario[/]: {args.nodes} nodes, {args.requests} requests round-robin at "
+    console.print(f"[bold]seed scenario[/] ({args.engine} engine): {args.nodes} nodes, {args.requests} requests round-robin at "
                   f"{args.rate:g}/s, {tokens} output tokens (Pareto tail: longest {max(i.max_tokens for i in items)},"
                   f" median {sorted(i.max_tokens for i in items)[len(items) // 2]})")
     results = []
     with Progress(console=console) as progress:
         for name, stealing in (("stealing off", False), ("stealing on", True)):
-            results.append(run_phase(name, stealing, items, args.nodes, progress))
+            results.append(run_phase(name, stealing, items, args.nodes, progress, args.engine))
+    # Same seeds, same model: every request must produce the same tokens wherever it ran.
+    results[1].mismatches = sum(1 for i, toks in results[1].tokens.items() if toks != results[0].tokens.get(i))
     received = {f"node{n}": sum(1 for it in items if it.node == n) for n in range(args.nodes)}
     for result in results:
         console.print(node_table(result, received))
     summary = Table(title="latency per request (s), measured at the client")
     for column in ("run", "TTFT p50", "TTFT p99", "e2e p50", "e2e p90", "e2e p99", "makespan s", "errors",
-                   "token mismatches"):
+                   "tokens differ from off"):
         summary.add_column(column, justify="right")
     for r in results:
         lat, ttft = list(r.latencies.values()), list(r.ttfts.values())

@@ -19,10 +19,17 @@ import aiohttp
 from rich.progress import Progress
 
 from p2psched.cluster import Cluster
-from p2psched.sim_engine import SimTokenizer, expected_tokens
 
-NODE_ARGS = ["--max-num-seqs", "4", "--sim-decode-step-ms", "20", "--sim-decode-ms-per-seq", "1",
-             "--scheduler-min-load-score", "2", "--heartbeat-interval", "0.5"]
+COMMON_ARGS = ["--scheduler-min-load-score", "2", "--heartbeat-interval", "0.5"]
+ENGINE_ARGS = {
+    # The real tiny model, one torch thread per node. A tiny-model step takes ~3 ms of CPU; steps
+    # are paced to 20 ms so that three nodes on a 2-core machine behave like three accelerators
+    # (otherwise they compete for the same cores and no node is ever really idle).
+    "real": ["--engine", "real", "--model", "tiny", "--cpu-threads", "1", "--max-num-seqs", "4",
+             "--min-step-ms", "20"],
+    # the cost model standing in for a GPU step of ~20 ms
+    "sim": ["--engine", "sim", "--max-num-seqs", "4", "--sim-decode-step-ms", "20", "--sim-decode-ms-per-seq", "1"],
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ def workload(num_requests: int, num_nodes: int, rate: float, seed: int = 1) -> l
 @dataclass
 class PhaseResult:
     name: str
+    tokens: dict[int, list[int]] = field(default_factory=dict)
     latencies: dict[int, float] = field(default_factory=dict)  # end to end
     ttfts: dict[int, float] = field(default_factory=dict)  # time to first token
     served_by: dict[int, str] = field(default_factory=dict)
@@ -62,7 +70,7 @@ async def _send(session: aiohttp.ClientSession, url: str, item: Item, start: flo
     await asyncio.sleep(max(0.0, start + item.send_at - time.monotonic()))
     sent = time.monotonic()
     body = {"prompt": item.prompt, "max_tokens": item.max_tokens, "seed": item.index, "return_token_ids": True,
-            "stream": True}
+            "stream": True, "ignore_eos": True, "temperature": 0.8}
     tokens: list[int] = []
     last: dict[str, Any] = {}
     async with session.post(url + "/v1/completions", json=body) as resp:
@@ -83,9 +91,7 @@ async def _send(session: aiohttp.ClientSession, url: str, item: Item, start: flo
             tokens += last["choices"][0]["token_ids"]
     result.latencies[item.index] = time.monotonic() - sent
     result.served_by[item.index] = last.get("p2psched", {}).get("served_by", "?")
-    truth = expected_tokens(item.index, SimTokenizer().encode(item.prompt), item.max_tokens, 32000)
-    if tokens != truth:
-        result.mismatches += 1
+    result.tokens[item.index] = tokens
     progress.advance(task)
 
 
@@ -100,9 +106,10 @@ async def _drive(cluster: Cluster, items: list[Item], result: PhaseResult, progr
 
 
 def run_phase(name: str, stealing: bool, items: list[Item], num_nodes: int, progress: Progress,
-              log_dir: str | None = None) -> PhaseResult:
+              engine: str = "real", log_dir: str | None = None) -> PhaseResult:
     result = PhaseResult(name)
-    with Cluster(num_nodes, NODE_ARGS, scheduler_name="global" if stealing else "local", log_dir=log_dir) as c:
+    args = ENGINE_ARGS[engine] + COMMON_ARGS
+    with Cluster(num_nodes, args, scheduler_name="global" if stealing else "local", log_dir=log_dir) as c:
         asyncio.run(_drive(c, items, result, progress))
         result.node_stats = {n.name: n.stats()["stats"] for n in c.nodes}
     return result

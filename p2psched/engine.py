@@ -90,8 +90,10 @@ StepCallback = Callable[[list[EngineOutput], float], None]
 class EngineRunner:
     """Runs ``engine.step()`` in a dedicated thread; ``on_outputs(outputs, busy_s)`` on the loop."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_outputs: StepCallback):
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_outputs: StepCallback,
+                 min_step_s: float = 0.0):
         self._engine = engine
+        self._min_step_s = min_step_s
         self._loop = loop
         self._on_outputs = on_outputs
         self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | str | None]] = queue.SimpleQueue()
@@ -142,6 +144,9 @@ class EngineRunner:
                 started = time.perf_counter()
                 outputs = self._engine.step()
                 busy_s = time.perf_counter() - started
+                if busy_s < self._min_step_s:
+                    time.sleep(self._min_step_s - busy_s)
+                    busy_s = self._min_step_s
                 self._loop.call_soon_threadsafe(self._on_outputs, outputs, busy_s)
         except BaseException as exc:  # surfaced to the node, which fails its requests and exits
             log.exception("engine thread crashed")

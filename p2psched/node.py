@@ -148,7 +148,7 @@ class Node:
         result_port = bind(self._result_sock, host, cfg.result_port)
         self.steal_endpoint = f"tcp://{cfg.public_host}:{steal_port}"
         self.result_endpoint = f"tcp://{cfg.public_host}:{result_port}"
-        self._runner = EngineRunner(self.engine, loop, self._on_engine_outputs)
+        self._runner = EngineRunner(self.engine, loop, self._on_engine_outputs, cfg.min_step_ms / 1000)
         self._runner.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:

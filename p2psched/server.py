@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block (default %(default)s)")
     eng.add_argument("--max-model-len", type=int, default=d.max_model_len,
                      help="longest prompt + output (default 0: the model's own, capped at 8192)")
+    eng.add_argument("--min-step-ms", type=float, default=d.min_step_ms,
+                     help="pace engine steps to at least this many ms, so nodes sharing one CPU behave like "
+                          "separate accelerators (demos; default 0: off)")
     eng.add_argument("--cpu-threads", type=int, default=d.cpu_threads,
                      help="torch threads on CPU (default 0: torch's choice; 1 when several nodes share a host)")
     node.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
@@ -101,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                       engine=args.engine, model=args.model, device=args.device, dtype=args.dtype,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_blocks=args.kv_cache_blocks, block_size=args.block_size,
-                      max_model_len=args.max_model_len, cpu_threads=args.cpu_threads,
+                      max_model_len=args.max_model_len, cpu_threads=args.cpu_threads, min_step_ms=args.min_step_ms,
                       max_queue_len=args.max_queue_len,
                       scheduler=scheduler, sim=sim)
 
