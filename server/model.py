@@ -115,7 +115,7 @@ class LlamaModel(nn.Module):
             if packed is None:
                 out[name] = param.data
                 continue
-            views = param.data.split(splits[packed], dim=0)
+            views = torch.split(param.data, splits[packed], dim=0)
             for hf_name, (target, index) in _PACKED.items():
                 if target == packed:
                     out[".".join(hf_name if p == packed else p for p in parts)] = views[index]
