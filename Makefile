@@ -36,6 +36,7 @@ demo: install
 
 bench: install
 	$(PY) -m bench.rpc_latency
+	$(PY) -m bench.engine_throughput
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

@@ -105,6 +105,7 @@ class NodeConfig:
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 2048
     kv_cache_blocks: int = 0  # 0: sized from memory
+    kv_cache_memory_fraction: float = 0.8  # of free GPU memory, when kv_cache_blocks is 0 on CUDA
     block_size: int = 16
     max_model_len: int = 0  # 0: the model's own limit (capped at 8192)
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
@@ -123,6 +124,7 @@ class NodeConfig:
         _check(1 <= self.max_num_seqs <= 4096, f"max num seqs must be in 1..4096, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens >= 1, "max num batched tokens must be >= 1")
         _check(self.kv_cache_blocks >= 0, "kv cache blocks must be >= 0 (0 = size from memory)")
+        _check(0 < self.kv_cache_memory_fraction <= 0.95, "kv cache memory fraction must be in (0, 0.95]")
         _check(self.block_size in (8, 16, 32, 64, 128), "block size must be 8, 16, 32, 64 or 128")
         _check(self.max_model_len >= 0, "max model len must be >= 0 (0 = the model's own)")
         _check(self.cpu_threads >= 0, "cpu threads must be >= 0 (0 = torch's default)")

@@ -133,6 +133,7 @@ class Node:
             "steal_endpoint": self.steal_endpoint, "result_endpoint": self.result_endpoint,
             "peers": sorted(p.name for p in self.peers.values()),
             "load": self.scheduler.load(), "stats": self.stats.as_dict(),
+            "engine": getattr(self.engine, "stats", dict)(),
         }
 
     def request_stop(self) -> None:

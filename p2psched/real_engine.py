@@ -41,6 +41,12 @@ class RealEngine:
         except ValueError:  # validated at the HTTP edge already; a peer's task may still not fit
             self._rejected.append(EngineOutput(request.request_id, [], "error"))
 
+    def stats(self) -> dict[str, int]:
+        blocks = self._engine.blocks
+        return {"kv_blocks_total": blocks.num_blocks, "kv_blocks_free": blocks.num_free,
+                "prefix_cache_hit_blocks": blocks.prefix_hits, "prefix_cache_queried_blocks": blocks.prefix_queries,
+                "preemptions": self._engine.batcher.num_preemptions}
+
     def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
 

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens per engine step, prefill chunks included (default %(default)s)")
     eng.add_argument("--kv-cache-blocks", type=int, default=d.kv_cache_blocks,
                      help="KV cache size in blocks (default 0: from memory)")
+    eng.add_argument("--kv-cache-memory-fraction", type=float, default=d.kv_cache_memory_fraction,
+                     help="on CUDA without --kv-cache-blocks: share of free GPU memory for the KV cache "
+                          "(default %(default)s; on CPU the cache holds max-num-seqs full-length sequences, "
+                          "at most 2 GiB)")
     eng.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block (default %(default)s)")
     eng.add_argument("--max-model-len", type=int, default=d.max_model_len,
                      help="longest prompt + output (default 0: the model's own, capped at 8192)")
@@ -103,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                       steal_port=args.steal_port, result_port=args.result_port, node_name=args.node_name,
                       engine=args.engine, model=args.model, device=args.device, dtype=args.dtype,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                      kv_cache_blocks=args.kv_cache_blocks, block_size=args.block_size,
+                      kv_cache_blocks=args.kv_cache_blocks, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                      block_size=args.block_size,
                       max_model_len=args.max_model_len, cpu_threads=args.cpu_threads, min_step_ms=args.min_step_ms,
                       max_queue_len=args.max_queue_len,
                       scheduler=scheduler, sim=sim)
@@ -134,7 +139,8 @@ def build_node(config: NodeConfig) -> Node:
     loaded = load(config.model_name, config.dtype, device)
     engine = RealEngine(loaded, EngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        block_size=config.block_size, kv_cache_blocks=config.kv_cache_blocks, max_model_len=config.max_model_len))
+        block_size=config.block_size, kv_cache_blocks=config.kv_cache_blocks, max_model_len=config.max_model_len,
+        kv_cache_memory=config.kv_cache_memory_fraction if device.startswith("cuda") else 0.0))
     tokenizer = loaded.tokenizer
     return Node(config, engine, tokenizer, lambda stop: TextStream(tokenizer, stop))
 
