@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .seed_scenario import PhaseResult, percentile, run_phase, workload
+from .seed_scenario import Item, PhaseResult, percentile, run_phase, workload
 
 
 def node_table(result: PhaseResult, received: dict[str, int]) -> Table:
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=["real", "sim"], default="real",
                         help="real: the tiny model on CPU; sim: a cost model of a ~20 ms GPU step")
     parser.add_argument("--out", default="out/demo_latency.png")
+    parser.add_argument("--timeline", default="out/demo_timeline.png")
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.requests < args.nodes or args.rate <= 0:
         print("error: need --nodes >= 2, --requests >= --nodes and --rate > 0", file=sys.stderr)
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sum(1 for i, n in results[1].served_by.items() if n != f'node{items[i].node}')} "
                   f"requests ran on a node other than the one nginx picked")
     plot(results, Path(args.out))
-    console.print(f"plot: {args.out}")
+    timeline(results, items, args.nodes, Path(args.timeline))
+    console.print(f"plots: {args.out} (latency distributions), {args.timeline} (which node ran what, and when)")
     return 0 if all(r.errors == 0 and r.mismatches == 0 for r in results) else 1
 
 
@@ -100,6 +102,42 @@ def plot(results: list[PhaseResult], out: Path) -> None:
     fig.suptitle("seed scenario: round-robin, heavy-tailed outputs, with and without stealing")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def timeline(results: list[PhaseResult], items: list[Item], num_nodes: int, out: Path) -> None:
+    """One lane per node; a bar per request from its first token to its last, on the node that
+    served it; orange when it was stolen, a thin line for the time it waited before its first token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(len(results), 1, figsize=(12, 3.2 * len(results)), sharex=True)
+    for ax, r in zip(axes, results):
+        lane_rows: dict[str, list[float]] = {f"node{n}": [] for n in range(num_nodes)}  # row -> busy until
+        ticks = []
+        for lane, node in enumerate(lane_rows):
+            base = lane * 10
+            ticks.append((base + 4, node))
+            for i in sorted((i for i, n in r.served_by.items() if n == node), key=lambda i: r.spans[i][1]):
+                sent, first, done = r.spans[i]
+                rows = lane_rows[node]
+                row = next((k for k, until in enumerate(rows) if until <= first), None)
+                if row is None:
+                    rows.append(0.0)
+                    row = len(rows) - 1
+                rows[row] = done
+                y = base + (row % 9)
+                stolen = node != f"node{items[i].node}"
+                ax.plot([sent, first], [y, y], color="0.7", linewidth=0.8)
+                ax.barh(y, done - first, left=first, height=0.8, color="tab:orange" if stolen else "tab:blue")
+        ax.set_yticks([t for t, _ in ticks], [n for _, n in ticks])
+        ax.set_title(f"{r.name}: blue = ran where nginx sent it, orange = stolen, grey = waiting for first token")
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[-1].set_xlabel("seconds since the first request")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 
     python -m bench.engine_throughput [--model small] [--requests 64] [--device cpu]
 
-64 concurrent requests with mixed prompt (16-256 tokens) and output (16-128 tokens) lengths,
-greedy, EOS ignored so every request produces exactly its length. Our engine takes them all
-at once and continuously batches; HF gets them as one left-padded batch and must run until the
-longest output is done. Throughput counts the requested output tokens only.
+64 concurrent requests, prompts of 16-256 tokens, greedy, EOS ignored so every request
+produces exactly its length. Two output-length mixes, each measured for both engines:
+``uniform`` (16-128 tokens) and ``pareto`` (heavy-tailed, 16-512 tokens: the length mix this
+product exists for). Our engine takes all requests at once and continuously batches; HF gets
+them as one left-padded batch and runs until the longest output is done. Throughput counts
+the requested output tokens only.
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ from server.loader import load
 from server.sampling import SamplingParams
 
 
-def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+def workload(n: int, vocab: int, lengths: str, seed: int = 0) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
-    return [([rng.randrange(vocab - 2) for _ in range(rng.randint(16, 256))], rng.randint(16, 128)) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(vocab - 2) for _ in range(rng.randint(16, 256))]
+        max_tokens = rng.randint(16, 128) if lengths == "uniform" else min(512, int(16 * rng.paretovariate(1.2)))
+        out.append((prompt, max_tokens))
+    return out
 
 
 def run_ours(engine: LLMEngine, requests: list[tuple[list[int], int]], progress: Progress) -> tuple[float, int]:
@@ -84,30 +91,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each; the best time counts")
+    parser.add_argument("--lengths", nargs="+", choices=["uniform", "pareto"], default=["uniform", "pareto"])
     args = parser.parse_args(argv)
     console = Console(width=120)
     loaded = load(args.model, args.dtype, args.device)
-    requests = workload(args.requests, loaded.config.vocab_size)
-    useful = sum(m for _, m in requests)
     hf = hf_twin(loaded, args.device)
-    ours_times, hf_times = [], []
-    with Progress(console=console) as progress:
-        for _ in range(args.rounds):
-            engine = LLMEngine(loaded.model, loaded.config, loaded.tokenizer,
-                               EngineConfig(max_num_seqs=args.requests,
-                                            max_num_batched_tokens=args.max_num_batched_tokens))
-            seconds, produced = run_ours(engine, requests, progress)
-            assert produced == useful
-            ours_times.append(seconds)
-            del engine
-            hf_times.append(run_hf(hf, requests, args.device, progress))
-    ours_s, hf_s = min(ours_times), min(hf_times)
     table = Table(title=f"{args.requests} requests, model {args.model}, {args.device}, "
-                        f"{torch.get_num_threads()} torch threads, {useful} output tokens, best of {args.rounds}")
-    for column in ("engine", "seconds", "output tokens/s", "x HF"):
+                        f"{torch.get_num_threads()} torch threads, best of {args.rounds}")
+    for column in ("lengths", "output tokens", "engine", "seconds", "output tokens/s", "x HF"):
         table.add_column(column, justify="right")
-    table.add_row("HF generate, padded batch (baseline)", f"{hf_s:.2f}", f"{useful / hf_s:.0f}", "1.00")
-    table.add_row("p2psched engine", f"{ours_s:.2f}", f"{useful / ours_s:.0f}", f"{hf_s / ours_s:.2f}")
+    for lengths in args.lengths:
+        requests = workload(args.requests, loaded.config.vocab_size, lengths)
+        useful = sum(m for _, m in requests)
+        ours_times, hf_times = [], []
+        with Progress(console=console, transient=True) as progress:
+            for _ in range(args.rounds):
+                engine = LLMEngine(loaded.model, loaded.config, loaded.tokenizer,
+                                   EngineConfig(max_num_seqs=args.requests,
+                                                max_num_batched_tokens=args.max_num_batched_tokens))
+                seconds, produced = run_ours(engine, requests, progress)
+                assert produced == useful
+                ours_times.append(seconds)
+                del engine
+                hf_times.append(run_hf(hf, requests, args.device, progress))
+        ours_s, hf_s = min(ours_times), min(hf_times)
+        table.add_row(lengths, str(useful), "HF generate, padded (baseline)", f"{hf_s:.2f}", f"{useful / hf_s:.0f}",
+                      "1.00")
+        table.add_row(lengths, str(useful), "p2psched engine", f"{ours_s:.2f}", f"{useful / ours_s:.0f}",
+                      f"{hf_s / ours_s:.2f}")
     console.print(table)
     return 0
 

@@ -58,6 +58,7 @@ class PhaseResult:
     tokens: dict[int, list[int]] = field(default_factory=dict)
     latencies: dict[int, float] = field(default_factory=dict)  # end to end
     ttfts: dict[int, float] = field(default_factory=dict)  # time to first token
+    spans: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # sent, first token, done (s)
     served_by: dict[int, str] = field(default_factory=dict)
     node_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -89,7 +90,10 @@ async def _send(session: aiohttp.ClientSession, url: str, item: Item, start: flo
             if not tokens:
                 result.ttfts[item.index] = time.monotonic() - sent
             tokens += last["choices"][0]["token_ids"]
-    result.latencies[item.index] = time.monotonic() - sent
+    done = time.monotonic()
+    result.latencies[item.index] = done - sent
+    first = sent + result.ttfts.get(item.index, done - sent)
+    result.spans[item.index] = (sent - start, first - start, done - start)
     result.served_by[item.index] = last.get("p2psched", {}).get("served_by", "?")
     result.tokens[item.index] = tokens
     progress.advance(task)

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .cli import Parser
 from .redis_server import EmbeddedRedis, free_port
 
 
@@ -151,7 +152,7 @@ class Cluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2psched.cluster",
+    parser = Parser(prog="python -m p2psched.cluster",
                                      description="Start an embedded Redis and N nodes; Ctrl-C stops everything. "
                                                  "Arguments after -- go to every node.")
     parser.add_argument("--nodes", type=int, default=3)

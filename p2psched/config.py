@@ -95,6 +95,8 @@ class NodeConfig:
     host: str = "127.0.0.1"  # bind address for HTTP and ZeroMQ
     advertise_host: str = ""  # address peers use to reach us; defaults to host
     port: int = 8000  # HTTP
+    metrics_port: int | None = None  # Prometheus /metrics on its own port (also on the HTTP port)
+    max_concurrent_requests: int = 0  # in-flight HTTP requests before 429; 0 = no limit
     steal_port: int = 0  # 0 = an ephemeral port
     result_port: int = 0
     node_name: str = ""
@@ -118,6 +120,9 @@ class NodeConfig:
     def __post_init__(self) -> None:
         _check(bool(self.host), "host must not be empty")
         _check_port("port", self.port)
+        if self.metrics_port is not None:
+            _check_port("metrics port", self.metrics_port)
+        _check(self.max_concurrent_requests >= 0, "max concurrent requests must be >= 0 (0 = no limit)")
         _check_port("steal port", self.steal_port)
         _check_port("result port", self.result_port)
         _check(self.engine in ("real", "sim"), f"engine must be 'real' or 'sim', got {self.engine!r}")

@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .protocol import FinishReason, Sampling
 
@@ -67,6 +67,7 @@ class TextStream(Protocol):
 
 
 TextStreamFactory = Callable[[list[str]], TextStream]
+ChatTemplateFn = Callable[[list[dict[str, Any]]], str]  # chat messages -> prompt text
 
 
 class Engine(Protocol):

@@ -1,14 +1,17 @@
 """The OpenAI-compatible HTTP surface of a node (aiohttp, on the node's event loop).
 
-    POST /v1/completions   text or token-id prompt; streaming (SSE) or not
-    GET  /v1/models        the model this node serves
-    GET  /health           200 {"status": "ok"} or 503 {"status": "draining"}
-    GET  /stats            counters and load, as JSON (tests, the demo, operators)
+    POST /v1/completions        text or token-id prompt; streaming (SSE) or not
+    POST /v1/chat/completions   messages through the model's chat template
+    GET  /v1/models             the model this node serves
+    GET  /health                200 {"status": "ok"} or 503 {"status": "draining"}
+    GET  /stats                 counters and load, as JSON
+    GET  /metrics               Prometheus text (also on --metrics-port)
 
-Errors use OpenAI's error object: {"error": {"message", "type", "param", "code"}}. Every
+Errors use OpenAI's error object with 400 (bad value), 404 (unknown model or route), 413 (body
+too large), 422 (not the expected shape: missing field, wrong type), 429 (too many concurrent
+requests on this node), 503 (queue full or shutting down; both with ``Retry-After``). Every
 response body and the last stream chunk carry {"p2psched": {"origin", "served_by", "attempts"}}.
-Extensions: ``top_k``, ``stop_token_ids``, ``ignore_eos`` and ``return_token_ids`` (adds the
-generated token ids to each choice, as vLLM does).
+A client that disconnects cancels its request wherever it runs.
 """
 
 from __future__ import annotations
@@ -17,57 +20,31 @@ import json
 import logging
 import random
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from .errors import RequestRejected
+from .metrics import CONTENT_TYPE, NodeMetrics
 from .node import Handle, Node
+from .openai_schema import ChatRequest, CompletionRequest, _Sampling, error_response
 from .protocol import Sampling
 from .scheduler import ClientEvent
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    include_usage: bool = False
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-    model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] = 16
-    temperature: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = -1
-    seed: Annotated[int, Field(ge=0, le=(1 << 63) - 1)] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    ignore_eos: bool = False
-    n: Literal[1] = 1
-    return_token_ids: bool = False
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code or kind}}
-    return web.json_response(body, status=status, headers=headers)
+DEFAULT_MAX_TOKENS = 16
 
 
 @web.middleware
-async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
     try:
-        response: web.StreamResponse = await handler(request)
-        return response
+        return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -75,176 +52,299 @@ async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamRespo
         return error_response(exc.status, exc.reason or "error", kind)
 
 
+class Rejected(Exception):
+    def __init__(self, response: web.Response):
+        self.response = response
+
+
+@dataclass
+class Job:
+    """One accepted request as the HTTP layer sees it."""
+
+    kind: str  # "completion" or "chat"
+    req: _Sampling
+    prompt_ids: list[int]
+    stop: list[str]
+    handle: Handle
+    created: int = field(default_factory=lambda: int(time.time()))
+    num_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.handle.request_id
+
+
 class HttpServer:
     def __init__(self, node: Node):
         self.node = node
+        self.metrics = NodeMetrics(node)
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_as_json])
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
             web.get("/stats", self.stats),
+            web.get("/metrics", self.prometheus),
         ])
-        self._runner: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
+        self._in_flight = 0
 
-    async def start(self, host: str, port: int, public_host: str) -> str:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound = self._runner.addresses[0][1]
+    async def start(self, host: str, port: int, public_host: str, metrics_port: int | None = None) -> str:
+        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._runners.append(runner)
+        if metrics_port is not None:
+            metrics_app = web.Application()
+            metrics_app.add_routes([web.get("/metrics", self.prometheus), web.get("/", self.prometheus)])
+            metrics_runner = web.AppRunner(metrics_app, access_log=None)
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, host, metrics_port).start()
+            self._runners.append(metrics_runner)
+        bound = runner.addresses[0][1]
         return f"http://{public_host}:{bound}"
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in self._runners:
+            await runner.cleanup()
+
+    # ---- small endpoints ----
 
     async def health(self, request: web.Request) -> web.Response:
         if self.node.is_draining:
-            return web.json_response({"status": "draining"}, status=503)
+            return web.json_response({"status": "draining", "node": self.node.name}, status=503)
         return web.json_response({"status": "ok", "node": self.node.name})
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.node.snapshot())
 
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": self.node.config.model_name, "object": "model", "owned_by": "p2psched",
-             "created": int(self.node.started_at), "root": self.node.engine.model_id}]})
+             "created": int(self.node.started_at), "root": self.node.engine.model_id,
+             "max_model_len": self.node.engine.limits.max_model_len}]})
+
+    # ---- the two generation endpoints ----
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "completion")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat")
+
+    async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
+        cap = self.node.config.max_concurrent_requests
+        if cap and self._in_flight >= cap:
+            return self._reject(error_response(429, f"this node already serves {cap} requests; retry later",
+                                               "rate_limit_error", code="too_many_requests",
+                                               headers={"Retry-After": "1"}))
+        self._in_flight += 1
+        try:
+            try:
+                job = await self._accept(request, kind)
+            except Rejected as rejected:
+                return self._reject(rejected.response)
+            is_finished = False
+            try:
+                response = await (self._stream(request, job) if job.req.stream else self._collect(job))
+                is_finished = True
+                return response
+            finally:
+                if is_finished:
+                    self.node.done(job.handle.request_id)
+                else:
+                    self.node.cancel(job.handle.request_id)
+                    self._log(job, "cancelled", job.handle.request.served_by, job.handle.request.attempts)
+        finally:
+            self._in_flight -= 1
+
+    def _reject(self, response: web.Response) -> web.Response:
+        self.node.stats.rejected += 1
+        return response
+
+    async def _accept(self, request: web.Request, kind: str) -> Job:
+        node = self.node
         try:
             body = json.loads(await request.read())
         except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+            raise Rejected(error_response(413, f"request body exceeds {MAX_BODY_BYTES} bytes")) from None
         except (ValueError, UnicodeDecodeError):
-            return error_response(400, "request body is not valid JSON")
+            raise Rejected(error_response(400, "request body is not valid JSON")) from None
         if not isinstance(body, dict):
-            return error_response(400, "request body must be a JSON object")
+            raise Rejected(error_response(422, "request body must be a JSON object"))
         try:
-            req = CompletionRequest.model_validate(body)
+            req: _Sampling = (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
         except ValidationError as exc:
-            first = exc.errors()[0]
+            first = max(exc.errors(), key=lambda e: len(e["loc"]))  # in a union, the branch that got furthest
             param = str(first["loc"][0]) if first["loc"] else None
-            return error_response(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
-        if req.model is not None and req.model not in (self.node.config.model_name, self.node.engine.model_id):
-            return error_response(404, f"model {req.model!r} does not exist; this node serves "
-                                       f"{self.node.config.model_name!r}", param="model", code="model_not_found")
-        limits = self.node.engine.limits
+            shape = first["type"] == "missing" or first["type"].endswith("_type") or first["type"] in (
+                "model_attributes_type", "list_type", "union_tag_invalid")
+            message = f"{param}: {first['msg']}" if param else first["msg"]
+            raise Rejected(error_response(422 if shape else 400, message, param=param)) from None
+        if req.model is not None and req.model not in (node.config.model_name, node.engine.model_id):
+            raise Rejected(error_response(404, f"model {req.model!r} does not exist; this node serves "
+                                               f"{node.config.model_name!r}", param="model", code="model_not_found"))
+        limits = node.engine.limits
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if stop and not limits.supports_stop_strings:
-            return error_response(400, "stop strings are not supported by the simulated engine; "
-                                       "use stop_token_ids", param="stop")
+            raise Rejected(error_response(400, "stop strings are not supported by the simulated engine; "
+                                               "use stop_token_ids", param="stop"))
         if len(stop) > 16 or any(not s or len(s) > 256 for s in stop):
-            return error_response(400, "stop: at most 16 strings of 1..256 characters", param="stop")
-        prompt_ids = self.node.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+            raise Rejected(error_response(400, "stop: at most 16 strings of 1..256 characters", param="stop"))
+        if isinstance(req, ChatRequest):
+            try:
+                prompt_text = node.chat_template([m.model_dump() for m in req.messages])
+            except Exception as exc:  # the model's own template refused the conversation (jinja2 errors)
+                raise Rejected(error_response(400, f"messages: {exc}", param="messages")) from None
+            prompt_ids = node.tokenizer.encode(prompt_text)
+            max_tokens = req.max_completion_tokens or req.max_tokens
+            param = "messages"
+        else:
+            assert isinstance(req, CompletionRequest)
+            prompt_ids = node.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+            max_tokens = req.max_tokens
+            param = "prompt"
         if not prompt_ids:
-            return error_response(400, "prompt must not be empty", param="prompt")
+            raise Rejected(error_response(400, "prompt must not be empty", param=param))
         if max(prompt_ids) >= limits.vocab_size:
-            return error_response(400, f"prompt token ids must be below the vocabulary size {limits.vocab_size}",
-                                  param="prompt")
-        if req.max_tokens > self.node.config.max_tokens_cap:
-            return error_response(400, f"max_tokens must be at most {self.node.config.max_tokens_cap}",
-                                  param="max_tokens")
-        if len(prompt_ids) + req.max_tokens > limits.max_model_len:
-            return error_response(400, f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({req.max_tokens}) "
-                                       f"exceed the context length {limits.max_model_len}",
-                                  param="prompt", code="context_length_exceeded")
-        sampling = Sampling(max_tokens=req.max_tokens,
-                            seed=req.seed if req.seed is not None else random.getrandbits(63),
+            raise Rejected(error_response(400, f"prompt token ids must be below the vocabulary size "
+                                               f"{limits.vocab_size}", param=param))
+        cap = node.config.max_tokens_cap
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_TOKENS if kind == "completion" else \
+                max(1, min(cap, limits.max_model_len - len(prompt_ids)))
+        if max_tokens > cap:
+            raise Rejected(error_response(400, f"max_tokens must be at most {cap}", param="max_tokens"))
+        if len(prompt_ids) + max_tokens > limits.max_model_len:
+            raise Rejected(error_response(400, f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) "
+                                               f"exceed the context length {limits.max_model_len}",
+                                          param=param, code="context_length_exceeded"))
+        sampling = Sampling(max_tokens=max_tokens, seed=req.seed if req.seed is not None else random.getrandbits(63),
                             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                             ignore_eos=req.ignore_eos, stop_token_ids=list(req.stop_token_ids or []), stop=stop)
         try:
-            handle = self.node.submit(prompt_ids, sampling)
+            handle = node.submit(prompt_ids, sampling)
         except RequestRejected as exc:
             headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-            return error_response(exc.status, str(exc), code=exc.code, headers=headers)
-        is_finished = False
-        try:
-            if req.stream:
-                response = await self._stream(request, req, handle, len(prompt_ids), stop)
-            else:
-                response = await self._collect(req, handle, len(prompt_ids), stop)
-            is_finished = True
-            return response
-        finally:
-            if is_finished:
-                self.node.done(handle.request_id)
-            else:
-                self.node.cancel(handle.request_id)
+            raise Rejected(error_response(exc.status, str(exc), "server_error" if exc.status >= 500 else
+                                          "invalid_request_error", code=exc.code, headers=headers)) from None
+        return Job(kind, req, prompt_ids, stop, handle)
 
-    def _envelope(self, handle: Handle, req: CompletionRequest) -> dict[str, Any]:
-        return {"id": f"cmpl-{handle.request_id}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model or self.node.config.model_name}
+    # ---- responses ----
+
+    def _observe(self, job: Job, event: ClientEvent) -> None:
+        if not event.token_ids:
+            return
+        now = time.time()
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.metrics.ttft.observe(now - job.handle.request.arrival)
+        elif job.last_token_at is not None:
+            self.metrics.itl.observe(now - job.last_token_at)
+        job.last_token_at = now
+        job.num_tokens += len(event.token_ids)
+
+    def _envelope(self, job: Job, chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if job.kind == "chat" else "text_completion"
+        return {"id": job.response_id, "object": kind, "created": job.created,
+                "model": job.req.model or self.node.config.model_name}
+
+    def _choice(self, job: Job, text: str, token_ids: list[int], finish: str | None, chunk: bool,
+                first: bool = False) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if job.kind == "chat" and chunk:
+            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+        elif job.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        if job.req.return_token_ids:
+            choice["token_ids"] = token_ids
+        return choice
 
     def _p2p(self, last: ClientEvent) -> dict[str, Any]:
         return {"origin": self.node.name, "served_by": last.served_by, "attempts": last.attempts}
 
-    @staticmethod
-    def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+    def _usage(self, job: Job) -> dict[str, int]:
+        prompt = len(job.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": job.num_tokens, "total_tokens": prompt + job.num_tokens}
 
-    async def _collect(self, req: CompletionRequest, handle: Handle, num_prompt: int,
-                       stop: list[str]) -> web.Response:
+    def _failed(self, job: Job, event: ClientEvent) -> str | None:
+        if event.error is None and event.finish_reason != "error":
+            return None
+        self._log(job, "failed", event.served_by, event.attempts)
+        return f"request failed: {event.error or 'engine error'}"
+
+    async def _collect(self, job: Job) -> web.Response:
         token_ids: list[int] = []
-        text = self.node.text_stream(stop)
+        text = self.node.text_stream(job.stop)
         parts: list[str] = []
         while True:
-            event = await handle.events.get()
+            event = await job.handle.events.get()
+            self._observe(job, event)
             token_ids += event.token_ids
             parts.append(text.push(event.token_ids))
-            if event.error is not None or event.finish_reason == "error":
-                return error_response(503, f"request failed: {event.error or 'engine error'}", "server_error",
-                                      code="request_failed", headers={"Retry-After": "1"})
+            failure = self._failed(job, event)
+            if failure:
+                return error_response(503, failure, "server_error", code="request_failed",
+                                      headers={"Retry-After": "1"})
             if event.finish_reason is not None:
                 break
         parts.append(text.flush())
-        choice: dict[str, Any] = {"index": 0, "text": "".join(parts), "logprobs": None,
-                                  "finish_reason": event.finish_reason}
-        if req.return_token_ids:
-            choice["token_ids"] = token_ids
-        self._log_done(handle, event, len(token_ids))
-        return web.json_response({**self._envelope(handle, req), "choices": [choice],
-                                  "usage": self._usage(num_prompt, len(token_ids)), "p2psched": self._p2p(event)})
+        self._done(job, event)
+        return web.json_response({
+            **self._envelope(job, chunk=False),
+            "choices": [self._choice(job, "".join(parts), token_ids, event.finish_reason, chunk=False)],
+            "usage": self._usage(job), "p2psched": self._p2p(event)})
 
-    async def _stream(self, request: web.Request, req: CompletionRequest, handle: Handle,
-                      num_prompt: int, stop: list[str]) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    async def _stream(self, request: web.Request, job: Job) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Request-Id": job.response_id})
         await response.prepare(request)
-        envelope = self._envelope(handle, req)
-        num_tokens = 0
-        text = self.node.text_stream(stop)
+        envelope = self._envelope(job, chunk=True)
+        text = self.node.text_stream(job.stop)
+        include_usage = job.req.stream_options is not None and job.req.stream_options.include_usage
+        first = True
 
         async def send(payload: dict[str, Any]) -> None:
             await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
         while True:
-            event = await handle.events.get()
-            num_tokens += len(event.token_ids)
-            if event.error is not None or event.finish_reason == "error":
-                await send({"error": {"message": f"request failed: {event.error or 'engine error'}",
-                                      "type": "server_error", "param": None, "code": "request_failed"}})
+            event = await job.handle.events.get()
+            self._observe(job, event)
+            failure = self._failed(job, event)
+            if failure:
+                await send({"error": {"message": failure, "type": "server_error", "param": None,
+                                      "code": "request_failed"}})
                 break
             delta = text.push(event.token_ids) + (text.flush() if event.finish_reason is not None else "")
-            choice: dict[str, Any] = {"index": 0, "text": delta,
-                                      "logprobs": None, "finish_reason": event.finish_reason}
-            if req.return_token_ids:
-                choice["token_ids"] = event.token_ids
-            chunk: dict[str, Any] = {**envelope, "choices": [choice]}
+            chunk: dict[str, Any] = {**envelope, "choices": [
+                self._choice(job, delta, event.token_ids, event.finish_reason, chunk=True, first=first)]}
+            first = False
             if event.finish_reason is not None:
                 chunk["p2psched"] = self._p2p(event)
                 await send(chunk)
-                if req.stream_options is not None and req.stream_options.include_usage:
-                    await send({**envelope, "choices": [], "usage": self._usage(num_prompt, num_tokens)})
-                self._log_done(handle, event, num_tokens)
+                if include_usage:
+                    await send({**envelope, "choices": [], "usage": self._usage(job)})
+                self._done(job, event)
                 break
             await send(chunk)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
-    def _log_done(self, handle: Handle, last: ClientEvent, num_tokens: int) -> None:
-        latency = time.time() - handle.request.arrival
-        log.info("request id=%s origin=%s served_by=%s attempts=%d tokens=%d latency_s=%.3f",
-                 handle.request_id, self.node.name, last.served_by, last.attempts, num_tokens, latency)
+    def _done(self, job: Job, last: ClientEvent) -> None:
+        self.metrics.e2e.observe(time.time() - job.handle.request.arrival)
+        self._log(job, "completed", last.served_by, last.attempts)
+
+    def _log(self, job: Job, outcome: str, served_by: str, attempts: int) -> None:
+        log.info("request id=%s kind=%s outcome=%s origin=%s served_by=%s attempts=%d prompt_tokens=%d "
+                 "tokens=%d latency_s=%.3f", job.handle.request_id, job.kind, outcome, self.node.name,
+                 served_by or "-", attempts, len(job.prompt_ids), job.num_tokens,
+                 time.time() - job.handle.request.arrival)

@@ -29,7 +29,7 @@ import zmq.asyncio
 
 from . import PROTOCOL_VERSION
 from .config import NodeConfig
-from .engine import Engine, EngineOutput, EngineRunner, TextStreamFactory, Tokenizer
+from .engine import ChatTemplateFn, Engine, EngineOutput, EngineRunner, TextStreamFactory, Tokenizer
 from .errors import RegistryUnavailable
 from .peers import PeerLinks
 from .policy import PeerLoad, choose_victims
@@ -63,11 +63,13 @@ class Handle:
 
 
 class Node:
-    def __init__(self, config: NodeConfig, engine: Engine, tokenizer: Tokenizer, text_stream: TextStreamFactory):
+    def __init__(self, config: NodeConfig, engine: Engine, tokenizer: Tokenizer, text_stream: TextStreamFactory,
+                 chat_template: ChatTemplateFn):
         self.config = config
         self.engine = engine
         self.tokenizer = tokenizer
         self.text_stream = text_stream
+        self.chat_template = chat_template
         self.node_id = uuid.uuid4().hex
         self.started_at = time.time()
         self.stats = Stats()
@@ -162,7 +164,7 @@ class Node:
         try:
             async with asyncio.TaskGroup() as group:
                 self._links.start(group)
-                self.http_url = await http.start(host, cfg.port, cfg.public_host)
+                self.http_url = await http.start(host, cfg.port, cfg.public_host, cfg.metrics_port)
                 group.create_task(self._steal_server(), name="steal-server")
                 group.create_task(self._result_server(), name="result-server")
                 group.create_task(self._ticker(), name="ticker")

@@ -27,6 +27,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .cli import Parser
 from .config import SchedulerConfig
 from .errors import ConfigError, RegistryUnavailable
 from .policy import PeerLoad
@@ -214,7 +215,7 @@ async def _list_once(cfg: SchedulerConfig, as_json: bool, model: str | None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2psched.registry",
+    parser = Parser(prog="python -m p2psched.registry",
                                      description="List the nodes registered in a p2psched Redis registry.")
     parser.add_argument("--scheduler-host", "--host", dest="host", default="127.0.0.1")
     parser.add_argument("--scheduler-port", "--port", dest="port", type=int, default=6379)

@@ -206,6 +206,7 @@ class Scheduler:
             fx.to_origin.append((origin_id, self._tokens(items)))
             self.stats.token_messages_sent += 1
             self.stats.token_items_forwarded += len(items)
+            self.stats.tokens_forwarded += sum(len(item.token_ids) for item in items)
         return fx.extend(self.admit(now))
 
     def on_engine_failure(self, reason: str) -> Effects:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 
+from .cli import Parser
 from .config import NodeConfig, SchedulerConfig, SimEngineConfig
 from .errors import ConfigError
 from .node import Node
@@ -19,7 +20,7 @@ from .sim_engine import SimEngine, SimTokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m p2psched.server",
+    p = Parser(prog="python -m p2psched.server",
                                 description="One p2psched inference node: OpenAI-compatible HTTP, "
                                             "continuous batching, peer-to-peer work stealing.")
     d, s, e = NodeConfig(), SchedulerConfig(), SimEngineConfig()
@@ -28,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--advertise-host", default=d.advertise_host,
                       help="address peers use to reach this node (default: --host, or 127.0.0.1 for 0.0.0.0)")
     node.add_argument("--port", type=int, default=d.port, help="HTTP port (default %(default)s)")
+    node.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                      help="Prometheus metrics port (default: none; /metrics is also served on --port)")
+    node.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                      help="in-flight HTTP requests before new ones get 429 (default 0: no limit)")
     node.add_argument("--steal-port", type=int, default=d.steal_port, help="ZeroMQ steal port (0 = any free)")
     node.add_argument("--result-port", type=int, default=d.result_port, help="ZeroMQ result port (0 = any free)")
     node.add_argument("--node-name", default=d.node_name, help="name shown in the registry and responses")
@@ -104,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                           prefill_ms_per_token=args.sim_prefill_ms_per_token, kv_tokens=args.sim_kv_tokens,
                           max_model_len=args.sim_max_model_len)
     return NodeConfig(host=args.host, advertise_host=args.advertise_host, port=args.port,
+                      metrics_port=args.metrics_port, max_concurrent_requests=args.max_concurrent_requests,
                       steal_port=args.steal_port, result_port=args.result_port, node_name=args.node_name,
                       engine=args.engine, model=args.model, device=args.device, dtype=args.dtype,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -116,12 +122,13 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 def build_node(config: NodeConfig) -> Node:
     """Raises ``ConfigError`` or ``server.errors.ModelLoadError`` with a one-line reason."""
+    from server.chat_template import ChatTemplate
     from server.detokenizer import TextStream
 
     if config.engine == "sim":
         sim_tokenizer = SimTokenizer()
         return Node(config, SimEngine(config.sim, config.max_num_seqs), sim_tokenizer,
-                    lambda stop: TextStream(sim_tokenizer, stop))
+                    lambda stop: TextStream(sim_tokenizer, stop), ChatTemplate())
     import torch
 
     from server.engine import EngineConfig
@@ -142,7 +149,8 @@ def build_node(config: NodeConfig) -> Node:
         block_size=config.block_size, kv_cache_blocks=config.kv_cache_blocks, max_model_len=config.max_model_len,
         kv_cache_memory=config.kv_cache_memory_fraction if device.startswith("cuda") else 0.0))
     tokenizer = loaded.tokenizer
-    return Node(config, engine, tokenizer, lambda stop: TextStream(tokenizer, stop))
+    template = ChatTemplate.from_model_dir(loaded.path)
+    return Node(config, engine, tokenizer, lambda stop: TextStream(tokenizer, stop), template)
 
 
 def main(argv: list[str] | None = None) -> int:

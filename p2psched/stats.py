@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Stats:
+    rejected: int = 0  # refused at the HTTP edge (4xx, 429, 503)
     received: int = 0  # accepted from HTTP clients
     completed: int = 0  # of those, finished (wherever they ran)
     failed: int = 0
@@ -28,6 +29,7 @@ class Stats:
     stale_items: int = 0
     token_messages_sent: int = 0
     token_items_forwarded: int = 0
+    tokens_forwarded: int = 0  # token ids sent to origins
     origin_losses: int = 0  # stolen-in tasks dropped because their origin went silent
     registry_errors: int = 0
     sends_failed: int = 0  # ZeroMQ refused a send at once (peer gone, queue full)

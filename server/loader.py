@@ -32,6 +32,7 @@ class LoadedModel:
     tokenizer: ByteTokenizer | HFTokenizer
     model_id: str
     name: str
+    path: Path | None = None  # the model directory (None for presets)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -165,4 +166,4 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
         model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[assignment]
     model.eval()
     tokenizer = HFTokenizer(root / "tokenizer.json")
-    return LoadedModel(cfg, model, tokenizer, cfg.model_id(_weights_digest(files)), root.name)
+    return LoadedModel(cfg, model, tokenizer, cfg.model_id(_weights_digest(files)), root.name, root)

@@ -26,8 +26,9 @@ def cluster_factory(tmp_path) -> Iterator:
     """Start clusters of real node processes; dump their logs when a test fails."""
     started: list[Cluster] = []
 
-    def start(num_nodes: int, extra: list[str] | None = None, **kwargs) -> Cluster:
-        cluster = Cluster(num_nodes, FAST + (extra or []), topic=f"t{uuid.uuid4().hex[:8]}",
+    def start(num_nodes: int, extra: list[str] | None = None, base: list[str] | None = None, **kwargs) -> Cluster:
+        kwargs.setdefault("topic", f"t{uuid.uuid4().hex[:8]}")
+        cluster = Cluster(num_nodes, (FAST if base is None else base) + (extra or []),
                           log_dir=str(tmp_path / f"cluster{len(started)}"), **kwargs)
         started.append(cluster)
         return cluster.start()

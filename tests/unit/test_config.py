@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 import subprocess
 import sys
 
@@ -40,3 +41,18 @@ def test_bad_cli_values_exit_2_with_one_line(flags):
                           timeout=60)
     assert proc.returncode == 2
     assert "error:" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_every_flag_is_documented():
+    flags = {opt for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    missing = sorted(f for f in flags - {"--help"} if f"`{f}`" not in doc)
+    assert not missing, f"not in docs/configuration.md: {missing}"
+    assert len(flags) > 30
+
+
+def test_cli_errors_are_exactly_one_line():
+    proc = subprocess.run([sys.executable, "-m", "p2psched.server", "--port", "nope"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--port" in proc.stderr

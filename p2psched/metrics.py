@@ -1,0 +1,100 @@
+"""Prometheus metrics of a node (prometheus-client, text exposition format).
+
+Counters and gauges are read from the node's ``Stats``, scheduler and engine at scrape time by
+one collector, so nothing on the hot path updates a metric twice. Latency histograms (TTFT,
+inter-token, end-to-end) are observed by the HTTP layer as it streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from .node import Node
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _NodeCollector:
+    def __init__(self, node: Node):
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node, s = self._node, self._node.stats
+        labels = ["node"]
+        name = [node.name]
+
+        def counter(metric: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(metric, doc, labels=labels)
+            family.add_metric(name, value)
+            return family
+
+        def gauge(metric: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(metric, doc, labels=labels)
+            family.add_metric(name, value)
+            return family
+
+        outcomes = CounterMetricFamily("p2psched_requests", "Client requests by outcome",
+                                       labels=["node", "outcome"])
+        for outcome, value in (("completed", s.completed), ("failed", s.failed), ("cancelled", s.cancelled),
+                               ("rejected", s.rejected)):
+            outcomes.add_metric([node.name, outcome], value)
+        yield outcomes
+        yield counter("p2psched_requests_received", "Requests accepted from clients", s.received)
+        steals = CounterMetricFamily("p2psched_steals", "Steal RPCs sent, by result", labels=["node", "result"])
+        for result, value in (("granted", s.steals_granted), ("empty", s.steals_empty),
+                              ("timeout", s.steals_timed_out)):
+            steals.add_metric([node.name, result], value)
+        yield steals
+        yield counter("p2psched_steals_attempted", "Steal RPCs sent", s.steals_attempted)
+        yield counter("p2psched_requests_stolen_out", "Own requests granted to thieves", s.stolen_out)
+        yield counter("p2psched_requests_stolen_in", "Requests taken from victims", s.stolen_in)
+        yield counter("p2psched_requests_resumed", "Own requests taken back from a thief", s.resumed)
+        yield counter("p2psched_tokens_forwarded", "Tokens streamed to origins", s.tokens_forwarded)
+        yield counter("p2psched_lease_expiries", "Leases that expired (thief silent)", s.lease_expiries)
+        yield counter("p2psched_stream_gaps", "Token streams with a sequence gap", s.stream_gaps)
+        malformed = CounterMetricFamily("p2psched_malformed_messages_dropped", "Bad ZeroMQ frames dropped",
+                                        labels=["node", "socket"])
+        for socket_name, value in sorted(s.malformed.items()):
+            malformed.add_metric([node.name, socket_name], value)
+        yield malformed
+        yield counter("p2psched_registry_errors", "Failed registry round trips", s.registry_errors)
+        yield counter("p2psched_engine_busy_seconds", "Time the engine spent in steps", s.busy_s)
+        load = node.scheduler.load()
+        yield gauge("p2psched_queue_length", "Pending (not started) requests", load["pending"])
+        yield gauge("p2psched_running_sequences", "Sequences in the engine", load["running"])
+        yield gauge("p2psched_load_score", "Load score published to the registry", load["pending"])
+        limits = node.engine.limits
+        yield gauge("p2psched_kv_reserved_ratio", "KV capacity reserved by admitted requests",
+                    1 - load["free_kv_tokens"] / max(1, limits.max_kv_tokens))
+        engine_stats: dict[str, int] = getattr(node.engine, "stats", dict)()
+        if "kv_blocks_total" in engine_stats:
+            used = engine_stats["kv_blocks_total"] - engine_stats["kv_blocks_free"]
+            yield gauge("p2psched_kv_blocks_used", "KV cache blocks in use", used)
+            yield gauge("p2psched_kv_usage_ratio", "KV cache blocks in use / total",
+                        used / max(1, engine_stats["kv_blocks_total"]))
+            yield counter("p2psched_prefix_cache_hit_blocks", "KV blocks served by the prefix cache",
+                          engine_stats["prefix_cache_hit_blocks"])
+            yield counter("p2psched_preemptions", "Sequences preempted for KV space", engine_stats["preemptions"])
+
+
+class NodeMetrics:
+    def __init__(self, node: Node):
+        self.registry = CollectorRegistry()
+        self.registry.register(_NodeCollector(node))  # type: ignore[arg-type]
+        labels = ["node"]
+        self.ttft = Histogram("p2psched_time_to_first_token_seconds", "Arrival to first token, at the origin",
+                              labels, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(node.name)
+        self.itl = Histogram("p2psched_inter_token_seconds", "Gap between token events, at the origin",
+                             labels, buckets=_ITL_BUCKETS, registry=self.registry).labels(node.name)
+        self.e2e = Histogram("p2psched_e2e_latency_seconds", "Arrival to last token, at the origin",
+                             labels, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(node.name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
