@@ -111,6 +111,7 @@ class NodeConfig:
     block_size: int = 16
     max_model_len: int = 0  # 0: the model's own limit (capped at 8192)
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    attention_backend: str = "auto"  # triton on CUDA, torch elsewhere
     min_step_ms: float = 0.0  # pace engine steps to at least this long (demos: several "accelerators" on one CPU)
     max_queue_len: int = 4096  # pending requests beyond this get 503 + Retry-After
     max_tokens_cap: int = 4096
@@ -133,6 +134,8 @@ class NodeConfig:
         _check(self.block_size in (8, 16, 32, 64, 128), "block size must be 8, 16, 32, 64 or 128")
         _check(self.max_model_len >= 0, "max model len must be >= 0 (0 = the model's own)")
         _check(self.cpu_threads >= 0, "cpu threads must be >= 0 (0 = torch's default)")
+        _check(self.attention_backend in ("auto", "triton", "torch"),
+               f"attention backend must be auto, triton or torch, got {self.attention_backend!r}")
         _check(0 <= self.min_step_ms <= 10_000, "min step ms must be in 0..10000")
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
                f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")

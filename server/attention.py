@@ -12,10 +12,12 @@ KV cache layout per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from kernels.reference import attend, gather_kv, paged_attention_reference, store_kv
 
 
 @dataclass
@@ -38,6 +40,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens] cache slot (block * block_size + offset) of each new token
     block_size: int
     _decode_plan: list[DecodeBucket] | None = None
+    _triton_plan: Any = None  # kernels.paged_attention.AttentionPlan, built by the first layer
 
     @property
     def num_seqs(self) -> int:
@@ -79,47 +82,9 @@ class AttentionBackend(Protocol):
         ...
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new keys and values into their cache slots (the reference twin of the store kernel)."""
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
-
-
-def gather_kv(kv_cache: torch.Tensor, block_table: list[int], context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one sequence's context: [context_len, kv_heads, head_dim] each."""
-    block_size = kv_cache.shape[2]
-    num_blocks = (context_len + block_size - 1) // block_size
-    blocks = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=kv_cache.device)
-    k = kv_cache[0, blocks].flatten(0, 1)[:context_len]
-    v = kv_cache[1, blocks].flatten(0, 1)[:context_len]
-    return k, v
-
-
 def reference_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Paged, variable-length, causal-to-the-end, grouped-query attention, one sequence at a time.
-
-    The oracle of the kernels: the plainest correct form, float32 throughout."""
-    out = torch.empty_like(q)
-    start = 0
-    for query_len, context_len, table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
-        k, v = gather_kv(kv_cache, table, context_len)  # [ctx, kv_heads, dim]
-        out[start:start + query_len] = _attend(q[start:start + query_len], k, v, context_len, scale)
-        start += query_len
-    return out
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
-    # q [q_len, heads, dim]; k, v [ctx, kv_heads, dim] -> [q_len, heads, dim]
-    query_len = q.shape[0]
-    mask = None
-    if query_len > 1:
-        rows = torch.arange(query_len, device=q.device).unsqueeze(1) + (context_len - query_len)
-        mask = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows  # [q_len, ctx]
-    o = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(),
-                                       v.transpose(0, 1).float(), attn_mask=mask, scale=scale, enable_gqa=True)
-    return o.transpose(0, 1).to(q.dtype)
+    """The oracle: one sequence at a time, float32 inside (``kernels/reference.py``)."""
+    return paged_attention_reference(q, kv_cache, meta.query_lens, meta.context_lens, meta.block_tables, scale)
 
 
 def batched_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, bucket: DecodeBucket,
@@ -150,6 +115,40 @@ class TorchAttention:
         for i, (query_len, context_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
             if query_len > 1:
                 k_i, v_i = gather_kv(kv_cache, meta.block_tables[i], context_len)
-                out[starts[i]:starts[i] + query_len] = _attend(q[starts[i]:starts[i] + query_len], k_i, v_i,
-                                                               context_len, scale)
+                out[starts[i]:starts[i] + query_len] = attend(q[starts[i]:starts[i] + query_len], k_i, v_i, scale)
         return out
+
+
+class TritonAttention:
+    """The GPU path: the KV-store and paged-attention kernels of ``kernels/``; the launch plan
+    is built once per step on the host and shared by every layer."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from kernels import kv_store, paged_attention
+
+        self._store = kv_store.kv_store
+        self._attention = paged_attention
+        self._sm_count = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() \
+            else 132
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        self._store(k, v, kv_cache, meta.slot_mapping)
+        if meta._triton_plan is None:
+            meta._triton_plan = self._attention.plan(meta.query_lens, meta.context_lens, meta.block_tables,
+                                                     q.shape[1] // kv_cache.shape[3], q.device,
+                                                     sm_count=self._sm_count)
+        return self._attention.paged_attention(q, kv_cache, meta._triton_plan, scale)
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto``: Triton on CUDA, the torch reference elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        return TritonAttention()
+    if name == "torch":
+        return TorchAttention()
+    raise ValueError(f"unknown attention backend {name!r}; choose auto, triton or torch")

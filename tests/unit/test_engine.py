@@ -98,3 +98,17 @@ def test_requests_longer_than_the_context_are_refused():
     eng = engine(max_model_len=64)
     with pytest.raises(ValueError, match="exceed"):
         eng.add("x", [1] * 60, SamplingParams(max_tokens=10))
+
+
+def test_the_triton_backend_gives_the_torch_backends_tokens():
+    """Under TRITON_INTERPRET=1 on CPU (or on a GPU): the whole engine through our kernels."""
+    pytest.importorskip("triton")
+    from server.attention import TritonAttention
+
+    requests = {f"r{i}": (TINY.tokenizer.encode(f"kernel check {i} " * (i + 1)),
+                          SamplingParams(max_tokens=6, ignore_eos=True, seed=i, temperature=0.5 * i))
+                for i in range(3)}
+    torch_run = run(engine(block_size=8), requests)
+    triton_engine = LLMEngine(TINY.model, TINY.config, TINY.tokenizer,
+                              EngineConfig(kv_cache_blocks=64, block_size=8), backend=TritonAttention())
+    assert run(triton_engine, requests) == torch_run

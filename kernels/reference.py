@@ -1,0 +1,56 @@
+"""Torch references of the kernels: the CPU path and the test oracle. No Triton import here.
+
+Paged attention over a flattened batch: for sequence ``i``, its ``query_lens[i]`` new tokens
+sit at the end of a context of ``context_lens[i]`` tokens whose K/V live in the cache blocks
+``block_tables[i]``; query ``j`` of the chunk sees keys ``0 .. context_len - query_len + j``.
+Cache layout per layer: [2, num_blocks, block_size, kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter k, v [tokens, kv_heads, head_dim] into their slots (block * block_size + offset)."""
+    flat = kv_cache.view(2, -1, kv_cache.shape[3], kv_cache.shape[4])
+    flat[0].index_copy_(0, slot_mapping.long(), k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping.long(), v.to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: list[int], context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one sequence's context: [context_len, kv_heads, head_dim] each."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (context_len + block_size - 1) // block_size
+    blocks = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=kv_cache.device)
+    return kv_cache[0, blocks].flatten(0, 1)[:context_len], kv_cache[1, blocks].flatten(0, 1)[:context_len]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence: q [q_len, heads, dim] against k, v [ctx, kv_heads, dim], causal to the end."""
+    query_len, context_len = q.shape[0], k.shape[0]
+    mask = None
+    if query_len > 1:
+        rows = torch.arange(query_len, device=q.device).unsqueeze(1) + (context_len - query_len)
+        mask = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows  # [q_len, ctx]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(),
+                                       v.transpose(0, 1).float(), attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1).to(q.dtype)
+
+
+def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, query_lens: list[int],
+                              context_lens: list[int], block_tables: list[list[int]], scale: float) -> torch.Tensor:
+    """q [tokens, heads, dim] -> [tokens, heads, dim], one sequence at a time, float32 inside."""
+    out = torch.empty_like(q)
+    start = 0
+    for query_len, context_len, table in zip(query_lens, context_lens, block_tables):
+        k, v = gather_kv(kv_cache, table, context_len)
+        out[start:start + query_len] = attend(q[start:start + query_len], k, v, scale)
+        start += query_len
+    return out
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -1,0 +1,121 @@
+"""Every kernel against its torch reference on fresh random inputs.
+
+Without CUDA these run under TRITON_INTERPRET=1 (tests/conftest.py): fp32 and fp16, tiny
+shapes. Outputs are poisoned (NaN) before each run and checked to be fully written.
+Tolerances: fp32 1e-4 absolute, fp16 5e-3 absolute (fp16 inputs, fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kernels.kv_store import kv_store  # noqa: E402
+from kernels.paged_attention import paged_attention, plan  # noqa: E402
+from kernels.reference import paged_attention_reference, rms_norm_reference, store_kv  # noqa: E402
+from kernels.rms_norm import rms_norm  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+
+def random_batch(seed: int, query_lens: list[int], context_lens: list[int], kv_heads: int, group: int,
+                 head_dim: int, block_size: int, dtype: torch.dtype):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    needed = sum((c + block_size - 1) // block_size for c in context_lens)
+    num_blocks = needed + 5
+    free = list(range(num_blocks))
+    rng.shuffle(free)  # blocks scattered through the cache, as after churn
+    tables = []
+    for c in context_lens:
+        n = (c + block_size - 1) // block_size
+        tables.append([free.pop() for _ in range(n)])
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    q = torch.randn(sum(query_lens), kv_heads * group, head_dim, generator=gen).to(dtype).to(DEVICE)
+    return q, cache, tables
+
+
+CASES = [  # (query_lens, context_lens): mixes of prefill chunks and decode tokens
+    ([1], [1]),  # one sequence, one token
+    ([7], [7]),  # one sequence, prefill shorter than a block
+    ([1, 1, 1], [5, 17, 33]),  # decode only, lengths off the block size
+    ([3, 1, 20, 1], [3, 40, 29, 16]),  # mixed: a chunk continuing a cached prefix, decodes
+    ([1, 12], [150, 12]),  # a sequence spanning many blocks beside a fresh prompt
+]
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_attention_matches_the_reference(group, case, dtype):
+    query_lens, context_lens = CASES[case]
+    q, cache, tables = random_batch(100 * group + case, query_lens, context_lens, 2, group, 16, 8, dtype)
+    expected = paged_attention_reference(q.float(), cache.float(), query_lens, context_lens, tables, 0.3)
+    out = torch.full_like(q, float("nan"))
+    attn_plan = plan(query_lens, context_lens, tables, group, q.device, num_splits=1, block_m=16)
+    paged_attention(q, cache, attn_plan, 0.3, out=out, block_n=16)
+    assert not torch.isnan(out).any(), "output not fully written"
+    assert (out.float() - expected).abs().max().item() < TOL[dtype]
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("group", [1, 4])
+def test_split_kv_decode_matches_the_reference(splits, group):
+    query_lens, context_lens = [1, 1, 1, 1], [70, 9, 128, 1]  # some splits get no keys at all
+    q, cache, tables = random_batch(splits + group, query_lens, context_lens, 2, group, 32, 16, torch.float32)
+    expected = paged_attention_reference(q, cache, query_lens, context_lens, tables, 0.2)
+    out = torch.full_like(q, float("nan"))
+    attn_plan = plan(query_lens, context_lens, tables, group, q.device, num_splits=splits)
+    paged_attention(q, cache, attn_plan, 0.2, out=out, block_n=16)
+    assert not torch.isnan(out).any()
+    assert (out - expected).abs().max().item() < TOL[torch.float32]
+
+
+def test_the_plan_splits_only_small_long_decode_batches():
+    tables = [[0] * 64]
+    assert plan([1], [1024], tables, 4, torch.device("cpu")).num_splits > 1
+    assert plan([1] * 200, [1024] * 200, tables * 200, 4, torch.device("cpu")).num_splits == 1
+    assert plan([16], [1024], tables, 4, torch.device("cpu")).num_splits == 1
+    with pytest.raises(ValueError):
+        plan([5], [3], [[0]], 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_store_writes_exactly_its_slots(dtype):
+    gen = torch.Generator().manual_seed(3)
+    cache = torch.full((2, 6, 4, 2, 16), float("nan"), dtype=dtype, device=DEVICE)
+    expected = cache.clone()
+    slots = torch.tensor([0, 5, 6, 23, 11], device=DEVICE)
+    k = torch.randn(5, 2, 16, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(5, 2, 16, generator=gen).to(dtype).to(DEVICE)
+    kv_store(k, v, cache, slots)
+    store_kv(k, v, expected, slots)
+    assert torch.equal(torch.nan_to_num(cache, 7.0), torch.nan_to_num(expected, 7.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [64, 100])
+def test_rms_norm_matches_the_reference(dtype, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(7, hidden, generator=gen).to(dtype).to(DEVICE)
+    w = torch.randn(hidden, generator=gen).to(dtype).to(DEVICE)
+    out = rms_norm(x, w, 1e-5)
+    assert (out.float() - rms_norm_reference(x, w, 1e-5).float()).abs().max().item() < TOL[dtype] * 4
+
+
+def test_launchers_check_their_inputs():
+    q, cache, tables = random_batch(0, [2], [2], 2, 2, 16, 8, torch.float32)
+    attn_plan = plan([2], [2], tables, 2, q.device)
+    with pytest.raises(ValueError, match="share a float dtype"):
+        paged_attention(q.half(), cache, attn_plan, 1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_attention(q[:, :3], cache, attn_plan, 1.0)
+    with pytest.raises(ValueError, match="tokens"):
+        paged_attention(q[:1], cache, attn_plan, 1.0)
+    with pytest.raises(ValueError, match="slot"):
+        kv_store(q[:, :2], q[:, :2], cache, torch.zeros(5, dtype=torch.long))
