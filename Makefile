@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test unit integration typecheck demo bench clean
+.PHONY: install test unit integration typecheck demo bench gpu-check clean
 
 # pyproject keeps a torch range; here we pin the CPU build that lies on this kind of machine, so
 # an unpinned install never pulls a multi-GB CUDA build. Override with TORCH_SPEC=... elsewhere.
@@ -37,6 +37,14 @@ demo: install
 bench: install
 	$(PY) -m bench.rpc_latency
 	$(PY) -m bench.engine_throughput
+
+# On the GPU machine: its own python3 (torch + triton), plus the wheels of bench/gpu_wheels.sh
+# carried in .whl/ because it has no network. Prints a table; see bench/gpu_check.py.
+GPU_SITE ?= /tmp/p2psched-site
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$$PYTHONPATH python3 -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

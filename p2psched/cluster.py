@@ -6,7 +6,6 @@ cluster: ``with Cluster(3, ["--engine", "sim"]) as c: c.nodes[0].url``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal

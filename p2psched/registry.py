@@ -14,7 +14,6 @@ Run ``python -m p2psched.registry`` to list the nodes (table, ``--json`` or ``--
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
