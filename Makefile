@@ -4,18 +4,27 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test unit integration typecheck demo bench gpu-check clean
+.PHONY: install install-runtime test unit integration typecheck demo bench gpu-check clean
 
 # pyproject keeps a torch range; here we pin the CPU build that lies on this kind of machine, so
 # an unpinned install never pulls a multi-GB CUDA build. Override with TORCH_SPEC=... elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 
-$(STAMP): pyproject.toml Makefile
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
+
+# What a node needs (make demo); the dev extras add the test and baseline tools (make test).
+$(RUNTIME_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+install-runtime: $(RUNTIME_STAMP)
 
 install: $(STAMP)
 
@@ -31,7 +40,7 @@ unit: install
 integration: install
 	$(PY) -m pytest -q tests/integration
 
-demo: install
+demo: install-runtime
 	$(PY) -m bench.demo
 
 bench: install

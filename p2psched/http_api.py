@@ -199,7 +199,7 @@ class HttpServer:
             raise Rejected(error_response(400, "stop: at most 16 strings of 1..256 characters", param="stop"))
         if isinstance(req, ChatRequest):
             try:
-                prompt_text = node.chat_template([m.model_dump() for m in req.messages])
+                prompt_text = node.chat_template([m.as_template_input() for m in req.messages])
             except Exception as exc:  # the model's own template refused the conversation (jinja2 errors)
                 raise Rejected(error_response(400, f"messages: {exc}", param="messages")) from None
             prompt_ids = node.tokenizer.encode(prompt_text)

@@ -38,10 +38,21 @@ class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[TextPart]
+
+    def as_template_input(self) -> dict[str, str]:
+        """Content parts (text only) are joined, as OpenAI's server reads them."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
 
 
 class ChatRequest(_Sampling):

@@ -80,8 +80,8 @@ def test_garbage_on_both_zmq_sockets_is_counted_and_dropped(cluster_factory):
         sock.close()
 
 
-def _post_raw(url: str, data: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
+def _post_raw(url: str, data: bytes, path: str = "/v1/completions") -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -118,6 +118,27 @@ def test_bad_http_bodies_get_openai_errors(shared_node, body, status, param):
     # ...and the node keeps serving.
     ok = complete(shared_node.url, 1, 4)
     assert ok["choices"][0]["token_ids"] == expected_for(1, 4)
+
+
+BAD_CHATS = [
+    ({"max_tokens": 3}, 422, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": "hello"}, 422, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ({"messages": [{"role": "user"}]}, 422, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD_CHATS, ids=range(len(BAD_CHATS)))
+def test_bad_chat_bodies_get_openai_errors(shared_node, body, status, param):
+    got_status, payload = _post_raw(shared_node.url, json.dumps(body).encode(), "/v1/chat/completions")
+    assert (got_status, payload["error"]["param"]) == (status, param), payload
+    ok_status, ok = _post_raw(shared_node.url, json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "still "}, {"type": "text", "text": "here?"}]}],
+        "max_tokens": 3}).encode(), "/v1/chat/completions")
+    assert ok_status == 200 and ok["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_unknown_route_is_an_openai_404(shared_node):
