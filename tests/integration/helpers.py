@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from p2psched.cluster import http_json
 from p2psched.sim_engine import SimTokenizer, expected_tokens
@@ -49,3 +51,17 @@ def stream(url: str, i: int, max_tokens: int, timeout: float = 60) -> tuple[list
             chunks.append(choice["token_ids"])
             last = payload
     return chunks, last
+
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 60.0, interval: float = 0.02) -> T:
+    """Poll until ``predicate()`` is truthy; its value, or AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import openai
@@ -18,18 +17,11 @@ import redis
 from p2psched.cluster import Cluster, http_json
 from p2psched.redis_server import free_port
 
+from .helpers import wait_for
+
 REAL = ["--engine", "real", "--model", "tiny", "--cpu-threads", "1", "--heartbeat-interval", "0.3",
         "--lease-timeout", "2.0"]
 
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,8 @@ from p2psched.cluster import http_json
 from p2psched.protocol import Cancel, Grant, Steal, TokenItem, Tokens, decode, encode
 
 from .conftest import FAST
-from .helpers import complete, expected_for, prompt_for, stream
+from .helpers import complete, expected_for, prompt_for, stream, wait_for
 
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def test_kill_9_of_a_thief_mid_stream_loses_nothing(cluster_factory):
