@@ -30,6 +30,10 @@ def gather_kv(kv_cache: torch.Tensor, block_table: list[int], context_len: int) 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """One sequence: q [q_len, heads, dim] against k, v [ctx, kv_heads, dim], causal to the end."""
     query_len, context_len = q.shape[0], k.shape[0]
+    if query_len == context_len and query_len > 1:  # a whole prompt: plain causal, the fused kernel path
+        o = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(),
+                                           v.transpose(0, 1).float(), is_causal=True, scale=scale, enable_gqa=True)
+        return o.transpose(0, 1).to(q.dtype)
     mask = None
     if query_len > 1:
         rows = torch.arange(query_len, device=q.device).unsqueeze(1) + (context_len - query_len)

@@ -26,7 +26,7 @@ class DecodeBucket:
 
     rows: torch.Tensor  # [n] positions of the decode tokens in the flattened batch
     tables: torch.Tensor  # [n, max_blocks] block tables, zero-padded
-    mask: torch.Tensor  # [n, 1, 1, max_ctx] True where a key is inside the context
+    mask: torch.Tensor  # [n, 1, 1, max_ctx] additive: 0 inside the context, -inf past it
 
 
 DECODE_BUCKET_ROWS = 16  # rows sorted by context length, cut in groups: little padding, few calls
@@ -67,7 +67,8 @@ class AttentionMetadata:
                 for row, (i, n) in enumerate(zip(group, used)):
                     tables[row, :n] = torch.tensor(self.block_tables[i][:n])
                 lens = torch.tensor([self.context_lens[i] for i in group])
-                mask = torch.arange(max(used) * bs).unsqueeze(0) < lens.unsqueeze(1)  # [n, max_ctx]
+                inside = torch.arange(max(used) * bs).unsqueeze(0) < lens.unsqueeze(1)  # [n, max_ctx]
+                mask = torch.zeros(inside.shape).masked_fill_(~inside, float("-inf"))  # additive, built once
                 self._decode_plan.append(DecodeBucket(torch.tensor([starts[i] for i in group], device=device),
                                                       tables.to(device), mask[:, None, None, :].to(device)))
         return self._decode_plan
