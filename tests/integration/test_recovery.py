@@ -154,3 +154,20 @@ def test_sigterm_drains_in_flight_requests_and_deregisters(cluster_factory):
     except OSError:
         pass
     assert status is None
+
+
+def test_a_thief_frees_the_slots_of_an_origin_that_died(cluster_factory):
+    """kill -9 of the origin while a thief runs its requests: the thief notices the silence
+    (no heartbeat acks for two lease timeouts), drops the tasks and frees their slots."""
+    cluster = cluster_factory(2, ["--max-num-seqs", "1", "--sim-decode-step-ms", "20"])
+    origin, thief = cluster.nodes
+    pool = ThreadPoolExecutor(4)
+    for i in range(4):
+        pool.submit(complete, origin.url, i, 2000)
+    wait_for(lambda: thief.stats()["load"]["running"] == 1)
+    origin.kill()
+    stats = wait_for(lambda: (s := thief.stats())["load"]["running"] == 0 and s["stats"]["origin_losses"] >= 1 and s,
+                     timeout=30)
+    assert stats["load"]["pending"] == 0 and stats["stats"]["stolen_in_completed"] == 0
+    assert thief.is_healthy()
+    pool.shutdown(wait=False, cancel_futures=True)
