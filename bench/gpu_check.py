@@ -123,6 +123,14 @@ def section_kernel_speed(bandwidth: float) -> None:
         flops = 4 * batch * heads * d * length * length / 2  # causal: half the score matrix
         row("speed", f"prefill attn {batch}x{length} d=128 gqa=4", f"{flops / ours / 1e12:.0f} TFLOP/s",
             f"SDPA flash {flops / flash / 1e12:.0f} TFLOP/s (x{flash / ours:.2f})")
+    from kernels.reference import rms_norm_reference
+    from kernels.rms_norm import rms_norm
+
+    x = torch.randn(64, 2048, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(2048, dtype=torch.bfloat16, device="cuda")
+    fused, plain = timed(lambda: rms_norm(x, w, 1e-5)), timed(lambda: rms_norm_reference(x, w, 1e-5))
+    row("speed", "rms norm 64x2048 (a decode step's shape)", f"{fused * 1e6:.1f} us",
+        f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f}; wire into the model if > 1)")
     batch, ctx = 64, 2048
     cache, tables = make_cache([ctx] * batch, kv_heads, d, 16, torch.bfloat16)
     q = torch.randn(batch, heads, d, dtype=torch.bfloat16, device="cuda")
