@@ -189,7 +189,7 @@ def _table(records: list[NodeRecord], model_filter: str | None) -> str:
     table = Table(title=f"{len(records)} node(s)")
     for column in ("name", "node id", "model", "steal", "result", "http", "pending", "pending tok",
                    "running", "free slots", "free kv tok", "age s", "seen s ago", "ver"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for r in records:
         if model_filter and r.model_id != model_filter:
             continue
@@ -198,7 +198,7 @@ def _table(records: list[NodeRecord], model_filter: str | None) -> str:
                       str(r.free_kv_tokens), f"{now - r.started_at:.0f}", f"{now - r.updated_at:.1f}",
                       str(r.version))
     buf = StringIO()
-    Console(file=buf, width=200).print(table)
+    Console(file=buf, width=400).print(table)
     return buf.getvalue()
 
 
