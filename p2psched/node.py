@@ -30,7 +30,7 @@ import zmq.asyncio
 from . import PROTOCOL_VERSION
 from .config import NodeConfig
 from .engine import ChatTemplateFn, Engine, EngineOutput, EngineRunner, TextStreamFactory, Tokenizer
-from .errors import RegistryUnavailable
+from .errors import RegistryUnavailable, RequestRejected
 from .peers import PeerLinks
 from .policy import PeerLoad, choose_victims
 from .protocol import Ack, Cancel, Grant, Heartbeat, HeartbeatAck, Sampling, Steal, Tokens, encode
@@ -106,8 +106,6 @@ class Node:
 
     def submit(self, prompt_token_ids: list[int], sampling: Sampling) -> Handle:
         """Accept a request (raises ``RequestRejected``); tokens arrive on the handle's queue."""
-        from .errors import RequestRejected
-
         if self.is_draining:
             raise RequestRejected("the server is shutting down", 503, "server_shutting_down")
         self._seq += 1
