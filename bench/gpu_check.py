@@ -25,6 +25,16 @@ import torch
 
 ROWS: list[tuple[str, str, str, str]] = []  # (section, measurement, value, reference / verdict)
 
+# --smoke runs every section on CPU with tiny sizes (kernels under TRITON_INTERPRET=1), to check
+# the script itself before spending device time. The sizes below are the GPU ones.
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+SMOKE = False
+
+
+def size(gpu: int, smoke: int) -> int:
+    return smoke if SMOKE else gpu
+
 
 def row(section: str, what: str, value: str, ref: str) -> None:
     ROWS.append((section, what, value, ref))
@@ -32,7 +42,12 @@ def row(section: str, what: str, value: str, ref: str) -> None:
 
 
 def timed(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
-    """Median seconds per call, CUDA events."""
+    """Median seconds per call, CUDA events (wall clock in --smoke)."""
+    if SMOKE:
+        fn()
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -49,7 +64,7 @@ def timed(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
 
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    src = torch.empty(size(1 << 30, 1 << 20), dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     seconds = timed(lambda: dst.copy_(src), iters=10)
     return 2 * src.numel() / seconds
@@ -63,7 +78,7 @@ def make_cache(context_lens: list[int], kv_heads: int, head_dim: int, block_size
     for n in blocks_per:
         tables.append(perm[at:at + n])
         at += n
-    cache = torch.randn(2, total, block_size, kv_heads, head_dim, dtype=dtype, device="cuda")
+    cache = torch.randn(2, total, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
     return cache, tables
 
 
@@ -75,10 +90,14 @@ def section_correctness() -> None:
 
     torch.manual_seed(0)
     for head_dim, group in ((128, 4), (64, 8)):
-        query_lens = [512, 300, 1, 1, 1, 1, 77, 1] + [1] * 24
-        context_lens = [512, 1100, 2048, 900, 17, 4000, 1500, 64] + [1000 + 37 * i for i in range(24)]
-        cache, tables = make_cache(context_lens, 8, head_dim, 16, torch.bfloat16)
-        q = torch.randn(sum(query_lens), 8 * group, head_dim, dtype=torch.bfloat16, device="cuda")
+        if SMOKE:
+            query_lens, context_lens, kv_heads = [12, 1, 1, 5], [12, 40, 17, 9], 2
+        else:
+            query_lens = [512, 300, 1, 1, 1, 1, 77, 1] + [1] * 24
+            context_lens = [512, 1100, 2048, 900, 17, 4000, 1500, 64] + [1000 + 37 * i for i in range(24)]
+            kv_heads = 8
+        cache, tables = make_cache(context_lens, kv_heads, head_dim, 16, DTYPE)
+        q = torch.randn(sum(query_lens), kv_heads * group, head_dim, device=DEVICE).to(DTYPE)
         expected = paged_attention_reference(q.float(), cache.float(), query_lens, context_lens, tables,
                                              head_dim ** -0.5)
         for splits in (1, 4):
@@ -87,20 +106,21 @@ def section_correctness() -> None:
                             head_dim ** -0.5, out=out)
             err = (out.float() - expected).abs().max().item()
             ok = err < 2e-2 and not torch.isnan(out).any().item()
-            row("correct", f"paged attn bf16 d={head_dim} gqa={group} splits={splits}", f"max err {err:.1e}",
+            row("correct", f"paged attn {str(DTYPE)[6:]} d={head_dim} gqa={group} splits={splits}", f"max err {err:.1e}",
                 "OK (tol 2e-2)" if ok else "FAIL")
-    k = torch.randn(4096, 8, 128, dtype=torch.bfloat16, device="cuda")
-    cache = torch.zeros(2, 512, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+    tokens, blocks = size(4096, 64), size(512, 8)
+    k = torch.randn(tokens, 8, 128, device=DEVICE).to(DTYPE)
+    cache = torch.zeros(2, blocks, 16, 8, 128, device=DEVICE).to(DTYPE)
     ref = cache.clone()
-    slots = torch.randperm(512 * 16, device="cuda")[:4096]
+    slots = torch.randperm(blocks * 16, device=DEVICE)[:tokens]
     kv_store(k, k, cache, slots)
     store_kv(k, k, ref, slots)
-    row("correct", "kv store bf16 4096 tokens", "exact" if torch.equal(cache, ref) else "differs",
+    row("correct", f"kv store {tokens} tokens", "exact" if torch.equal(cache, ref) else "differs",
         "OK" if torch.equal(cache, ref) else "FAIL")
-    x = torch.randn(4096, 2048, dtype=torch.bfloat16, device="cuda")
-    w = torch.randn(2048, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(size(4096, 8), 2048, device=DEVICE).to(DTYPE)
+    w = torch.randn(2048, device=DEVICE).to(DTYPE)
     err = (rms_norm(x, w, 1e-5).float() - rms_norm_reference(x, w, 1e-5).float()).abs().max().item()
-    row("correct", "rms norm bf16 4096x2048", f"max err {err:.1e}", "OK" if err < 5e-2 else "FAIL")
+    row("correct", f"rms norm {x.shape[0]}x2048", f"max err {err:.1e}", "OK" if err < 5e-2 else "FAIL")
 
 
 def section_kernel_speed(bandwidth: float) -> None:
@@ -109,36 +129,38 @@ def section_kernel_speed(bandwidth: float) -> None:
 
     from kernels.paged_attention import paged_attention, plan
 
-    heads, kv_heads, d = 32, 8, 128
-    for length in (2048, 4096, 8192):
-        batch = max(1, 16384 // length)
-        q = torch.randn(batch * length, heads, d, dtype=torch.bfloat16, device="cuda")
-        cache, tables = make_cache([length] * batch, kv_heads, d, 16, torch.bfloat16)
+    heads, kv_heads, d = size(32, 4), size(8, 2), size(128, 32)
+    for length in ((2048, 4096, 8192) if not SMOKE else (32,)):
+        batch = max(1, size(16384, 64) // length)
+        q = torch.randn(batch * length, heads, d, device=DEVICE).to(DTYPE)
+        cache, tables = make_cache([length] * batch, kv_heads, d, 16, DTYPE)
         p = plan([length] * batch, [length] * batch, tables, heads // kv_heads, q.device)
         ours = timed(lambda: paged_attention(q, cache, p, d ** -0.5))
-        qd = torch.randn(batch, heads, length, d, dtype=torch.bfloat16, device="cuda")
-        kd = torch.randn(batch, heads, length, d, dtype=torch.bfloat16, device="cuda")
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        qd = torch.randn(batch, heads, length, d, device=DEVICE).to(DTYPE)
+        kd = torch.randn(batch, heads, length, d, device=DEVICE).to(DTYPE)
+        backend = SDPBackend.MATH if SMOKE else SDPBackend.FLASH_ATTENTION
+        with sdpa_kernel(backend):
             flash = timed(lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True))
         flops = 4 * batch * heads * d * length * length / 2  # causal: half the score matrix
-        row("speed", f"prefill attn {batch}x{length} d=128 gqa=4", f"{flops / ours / 1e12:.0f} TFLOP/s",
+        row("speed", f"prefill attn {batch}x{length} d={d} gqa={heads // kv_heads}", f"{flops / ours / 1e12:.0f} TFLOP/s",
             f"SDPA flash {flops / flash / 1e12:.0f} TFLOP/s (x{flash / ours:.2f})")
     from kernels.reference import rms_norm_reference
     from kernels.rms_norm import rms_norm
 
-    x = torch.randn(64, 2048, dtype=torch.bfloat16, device="cuda")
-    w = torch.randn(2048, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(64, 2048, device=DEVICE).to(DTYPE)
+    w = torch.randn(2048, device=DEVICE).to(DTYPE)
     fused, plain = timed(lambda: rms_norm(x, w, 1e-5)), timed(lambda: rms_norm_reference(x, w, 1e-5))
     row("speed", "rms norm 64x2048 (a decode step's shape)", f"{fused * 1e6:.1f} us",
         f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f}; wire into the model if > 1)")
-    batch, ctx = 64, 2048
-    cache, tables = make_cache([ctx] * batch, kv_heads, d, 16, torch.bfloat16)
-    q = torch.randn(batch, heads, d, dtype=torch.bfloat16, device="cuda")
+    batch, ctx = size(64, 4), size(2048, 64)
+    cache, tables = make_cache([ctx] * batch, kv_heads, d, 16, DTYPE)
+    q = torch.randn(batch, heads, d, device=DEVICE).to(DTYPE)
     for splits in (None, 1):
         p = plan([1] * batch, [ctx] * batch, tables, heads // kv_heads, q.device, num_splits=splits)
         seconds = timed(lambda: paged_attention(q, cache, p, d ** -0.5))
         read = cache.numel() * cache.element_size()
-        row("speed", f"decode attn 64x2048 d=128 gqa=4 splits={p.num_splits}", f"{read / seconds / 1e9:.0f} GB/s",
+        row("speed", f"decode attn {batch}x{ctx} d={d} gqa={heads // kv_heads} splits={p.num_splits}",
+            f"{read / seconds / 1e9:.0f} GB/s",
             f"{read / seconds / bandwidth:.0%} of copy {bandwidth / 1e9:.0f} GB/s")
 
 
@@ -149,39 +171,44 @@ def section_engine(bandwidth: float) -> None:
     from server.sampling import SamplingParams
 
     started = time.perf_counter()
-    loaded = load("llama-1b", "bfloat16", "cuda")
-    row("engine", "llama-1b random weights, load", f"{time.perf_counter() - started:.1f} s", "")
+    model = "tiny" if SMOKE else "llama-1b"
+    loaded = load(model, str(DTYPE).removeprefix("torch."), DEVICE)
+    row("engine", f"{model} random weights, load", f"{time.perf_counter() - started:.1f} s", "")
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     cfg = loaded.config
-    for batch in (1, 16, 64):
+    prompt, steps = size(512, 16), size(40, 3)
+    for batch in ((1, 16, 64) if not SMOKE else (1, 2)):
         engine = LLMEngine(loaded.model, cfg, loaded.tokenizer,
                            EngineConfig(max_num_seqs=batch, kv_cache_blocks=batch * 1100 // 16 + 8),
-                           make_backend("triton", torch.device("cuda")))
+                           make_backend("triton", torch.device(DEVICE)))
         for i in range(batch):
-            engine.add(f"r{i}", [1 + (i * 7 + j) % 1000 for j in range(512)],
+            engine.add(f"r{i}", [1 + (i * 7 + j) % 250 for j in range(prompt)],
                        SamplingParams(max_tokens=80, ignore_eos=True))
         while any(s.num_computed < len(s.prompt_ids) for s in engine.seqs.values()):
             engine.step()  # prefill
-        for _ in range(5):
+        for _ in range(size(5, 1)):
             engine.step()
-        torch.cuda.synchronize()
-        steps, t0 = 40, time.perf_counter()
+        if not SMOKE:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
+        if not SMOKE:
+            torch.cuda.synchronize()
         step_s = (time.perf_counter() - t0) / steps
-        kv_bytes = 2 * cfg.num_layers * batch * 560 * cfg.num_kv_heads * cfg.head_dim * 2
+        kv_bytes = 2 * cfg.num_layers * batch * (prompt + 50) * cfg.num_kv_heads * cfg.head_dim * DTYPE.itemsize
         roofline = (weight_bytes + kv_bytes) / (bandwidth / 2)  # bytes read / read bandwidth
-        row("engine", f"decode batch {batch}, ctx ~560", f"{batch / step_s:.0f} tok/s, {step_s * 1e3:.1f} ms",
+        row("engine", f"decode batch {batch}, ctx ~{prompt + 50}", f"{batch / step_s:.0f} tok/s, {step_s * 1e3:.1f} ms",
             f"roofline {roofline * 1e3:.2f} ms (x{step_s / roofline:.1f})")
         del engine
-        torch.cuda.empty_cache()
+        if not SMOKE:
+            torch.cuda.empty_cache()
 
 
 def section_cluster() -> None:
     from p2psched.cluster import Cluster, http_json
 
-    args = ["--engine", "real", "--model", "small", "--device", "cuda", "--max-num-seqs", "2",
+    args = ["--engine", "real", "--model", "tiny" if SMOKE else "small", "--device", DEVICE, "--max-num-seqs", "2",
             "--scheduler-min-load-score", "2", "--heartbeat-interval", "0.3", "--min-step-ms", "10"]
 
     def body(i: int) -> dict[str, object]:
@@ -208,11 +235,17 @@ def section_cluster() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check")
     parser.add_argument("--json", default=os.environ.get("OUT", "out") + "/gpu_check.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every section on CPU, tiny sizes, kernels interpreted: checks this script, not speed")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu-check: no CUDA device", file=sys.stderr)
+    global DEVICE, DTYPE, SMOKE
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        DEVICE, DTYPE, SMOKE = "cpu", torch.float32, True
+    elif not torch.cuda.is_available():
+        print("gpu-check: no CUDA device (use --smoke to check the script on CPU)", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name(0)
+    name = "CPU smoke run" if SMOKE else torch.cuda.get_device_name(0)
     print(f"gpu-check on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
     started = time.perf_counter()
     bandwidth = copy_bandwidth()
