@@ -152,6 +152,18 @@ def section_kernel_speed(bandwidth: float) -> None:
     fused, plain = timed(lambda: rms_norm(x, w, 1e-5)), timed(lambda: rms_norm_reference(x, w, 1e-5))
     row("speed", "rms norm 64x2048 (a decode step's shape)", f"{fused * 1e6:.1f} us",
         f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f}; wire into the model if > 1)")
+    from kernels.rotary import rotary_embedding
+    from server.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(d, 8192, 500000.0, None)
+    rope.rebuild(torch.device(DEVICE))
+    positions = torch.randint(0, 8192, (64,), device=DEVICE)
+    rq = torch.randn(64, heads, d, device=DEVICE).to(DTYPE)
+    rk = torch.randn(64, kv_heads, d, device=DEVICE).to(DTYPE)
+    fused = timed(lambda: rotary_embedding(rq, rk, positions, rope.cos, rope.sin))
+    plain = timed(lambda: rope(positions, rq, rk))
+    row("speed", "rotary q+k, 64 tokens (a decode step's shape)", f"{fused * 1e6:.1f} us",
+        f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f}; wire into the model if > 1)")
     batch, ctx = size(64, 4), size(2048, 64)
     cache, tables = make_cache([ctx] * batch, kv_heads, d, 16, DTYPE)
     q = torch.randn(batch, heads, d, device=DEVICE).to(DTYPE)

@@ -58,3 +58,15 @@ def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, query_len
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotated copies of q [tokens, heads, dim] and k [tokens, kv_heads, dim] ("rotate half")."""
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [tokens, 1, half]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)

@@ -119,3 +119,25 @@ def test_launchers_check_their_inputs():
         paged_attention(q[:1], cache, attn_plan, 1.0)
     with pytest.raises(ValueError, match="slot"):
         kv_store(q[:, :2], q[:, :2], cache, torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (6, 1)])
+def test_rotary_matches_the_model_rope(dtype, heads, kv_heads):
+    from kernels.reference import rotary_reference
+    from kernels.rotary import rotary_embedding
+    from server.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(32, 512, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    gen = torch.Generator().manual_seed(heads)
+    q = torch.randn(9, heads, 32, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(9, kv_heads, 32, generator=gen).to(dtype).to(DEVICE)
+    positions = torch.tensor([0, 1, 2, 100, 511, 7, 7, 300, 64], device=DEVICE)
+    cos, sin = rope.cos.to(DEVICE), rope.sin.to(DEVICE)
+    want_q, want_k = rotary_reference(q, k, positions, cos, sin)
+    model_q, model_k = rope(positions, q, k)  # the model's own path agrees with the reference
+    assert torch.equal(want_q, model_q) and torch.equal(want_k, model_k)
+    rotary_embedding(q, k, positions, cos, sin)
+    assert (q.float() - want_q.float()).abs().max().item() < TOL[dtype]
+    assert (k.float() - want_k.float()).abs().max().item() < TOL[dtype]
