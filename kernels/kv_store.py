@@ -45,9 +45,3 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping
     _kv_store_kernel[(tokens, kv_heads)](k, v, flat, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
                                          v.stride(1), flat.stride(0), flat.stride(1), flat.stride(2),
                                          HEAD_DIM=head_dim)
-
-
-def kv_store_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    flat = cache.view(2, -1, cache.shape[3], cache.shape[4])
-    flat[0].index_copy_(0, slot_mapping.long(), k.to(cache.dtype))
-    flat[1].index_copy_(0, slot_mapping.long(), v.to(cache.dtype))

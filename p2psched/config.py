@@ -5,7 +5,6 @@ Variants are made with ``dataclasses.replace``, which re-runs validation.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -155,6 +154,3 @@ class NodeConfig:
         if self.advertise_host:
             return self.advertise_host
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-
-    def with_scheduler(self, **changes: object) -> NodeConfig:
-        return dataclasses.replace(self, scheduler=dataclasses.replace(self.scheduler, **changes))  # type: ignore[arg-type]

@@ -45,12 +45,6 @@ class LeaseTable:
     def __len__(self) -> int:
         return len(self._leases)
 
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._leases
-
-    def get(self, request_id: str) -> Lease | None:
-        return self._leases.get(request_id)
-
     def grant(self, request_id: str, thief_id: str, thief_name: str, epoch: int, now: float) -> Lease:
         lease = Lease(request_id, thief_id, thief_name, epoch, now + self._timeout)
         self._leases[request_id] = lease

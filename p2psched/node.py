@@ -279,16 +279,15 @@ class Node:
             frames = await self._result_sock.recv_multipart()
             peer, body = frames[0], frames[1:]
             message = self._drops.decode("result", peer, body, (Tokens, Heartbeat))
+            if not isinstance(message, (Tokens, Heartbeat)):
+                continue
+            if message.thief_id.encode() != peer:
+                self._drops.drop("result", peer, "thief id does not match the connection")
+                continue
             now = time.time()
             if isinstance(message, Tokens):
-                if message.thief_id.encode() != peer:
-                    self._drops.drop("result", peer, "thief id does not match the connection")
-                    continue
                 self._apply(self.scheduler.on_tokens(message, now))
-            elif isinstance(message, Heartbeat):
-                if message.thief_id.encode() != peer:
-                    self._drops.drop("result", peer, "thief id does not match the connection")
-                    continue
+            else:
                 self._apply(self.scheduler.on_heartbeat(message, now))
 
     async def _ticker(self) -> None:

@@ -24,9 +24,6 @@ class PendingQueue:
     def __bool__(self) -> bool:
         return bool(self._items)
 
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._items
-
     def __iter__(self) -> Iterator[Request]:
         return iter(self._items.values())
 

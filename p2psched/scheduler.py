@@ -51,10 +51,6 @@ class ClientEvent:
     served_by: str = ""
     attempts: int = 1
 
-    @property
-    def is_last(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
 
 @dataclass
 class Effects:
@@ -330,10 +326,8 @@ class Scheduler:
             for origin_id, refs in self.remote.heartbeats().items():
                 fx.to_origin.append((origin_id, Heartbeat(PROTOCOL_VERSION, self.params.node_id, refs)))
             again, given_up = self.remote.retransmits(now, self.params.heartbeat_interval)
-            for item in again:
-                remote_origin = self._origin_of_final(item)
-                if remote_origin:
-                    fx.to_origin.append((remote_origin, self._tokens([item])))
+            for origin_id, item in again:
+                fx.to_origin.append((origin_id, self._tokens([item])))
             for remote in self.remote.silent_origins(now, 2 * self.params.lease_timeout) + given_up:
                 if remote.final is None:
                     self.stats.origin_losses += 1
@@ -344,10 +338,6 @@ class Scheduler:
 
     def _tokens(self, items: list[TokenItem]) -> Tokens:
         return Tokens(PROTOCOL_VERSION, self.params.node_id, self.params.node_name, items)
-
-    def _origin_of_final(self, item: TokenItem) -> str:
-        remote = self.remote.get(item.request_id)
-        return remote.task.origin_id if remote is not None else ""
 
     def _resume(self, request: Request, thief_id: str, why: str, fx: Effects) -> None:
         """Fence the thief (new epoch), cancel it best-effort, finish the request here."""

@@ -33,9 +33,6 @@ class RemoteTasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._tasks
-
     def origins(self) -> set[str]:
         return set(self._last_heard)
 
@@ -82,12 +79,6 @@ class RemoteTasks:
         self._remove(request_id)
         return remote
 
-    def drop(self, request_id: str) -> RemoteTask | None:
-        remote = self._tasks.get(request_id)
-        if remote is not None:
-            self._remove(request_id)
-        return remote
-
     def heartbeats(self) -> dict[str, list[LeaseRef]]:
         """Per origin, the leases still running here (not yet finished)."""
         out: dict[str, list[LeaseRef]] = {}
@@ -96,9 +87,9 @@ class RemoteTasks:
                 out.setdefault(remote.task.origin_id, []).append(LeaseRef(remote.task.request_id, remote.task.epoch))
         return out
 
-    def retransmits(self, now: float, interval: float) -> tuple[list[TokenItem], list[RemoteTask]]:
-        """Finals unacknowledged for ``interval`` to send again, and tasks given up on."""
-        again: list[TokenItem] = []
+    def retransmits(self, now: float, interval: float) -> tuple[list[tuple[str, TokenItem]], list[RemoteTask]]:
+        """(origin, final item) pairs unacknowledged for ``interval`` to send again, and tasks given up on."""
+        again: list[tuple[str, TokenItem]] = []
         given_up: list[RemoteTask] = []
         for remote in list(self._tasks.values()):
             if remote.final is None or now - remote.final_sent_at < interval:
@@ -109,7 +100,7 @@ class RemoteTasks:
                 continue
             remote.retransmits += 1
             remote.final_sent_at = now
-            again.append(remote.final)
+            again.append((remote.task.origin_id, remote.final))
         return again, given_up
 
     def silent_origins(self, now: float, timeout: float) -> list[RemoteTask]:

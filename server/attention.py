@@ -43,10 +43,6 @@ class AttentionMetadata:
     _triton_plan: Any = None  # kernels.paged_attention.AttentionPlan, built by the first layer
 
     @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
-
-    @property
     def query_starts(self) -> list[int]:
         starts = [0]
         for n in self.query_lens[:-1]:
