@@ -1,25 +1,66 @@
-"""Paged attention for mixed batches: prefill chunks and decode tokens in one launch.
+"""Paged attention for mixed batches: prefill chunks and decode tokens in one step.
 
 Theory of operation. A program owns one block of query tokens of one sequence and one KV
 head. The query heads of that KV group are packed into the rows of the tile (row r is token
 r // GROUP, head r % GROUP), so even a single decode token gives a matrix product of GROUP
 rows rather than a vector. The program walks the sequence's context through its block table,
-BLOCK_N keys at a time, with an online softmax; keys past a query's position are masked
-(causal, aligned to the end of the context). With ``num_splits > 1`` (flash-decoding, for
-batches too small to fill the GPU) the key range is cut into parts: each part writes its
-unnormalised output and its (max, sum) to scratch, and ``_combine_kernel`` merges them.
+BLOCK_N keys at a time, with an online softmax. Keys every row may see (up to the first row's
+position) are read without masks; only the last stretch, where the causal mask (aligned to the
+end of the context) cuts through the tile, pays for masking.
 
-The launch plan (which program serves which query block, the block-table tensor, the split
-count) is built on the host once per step from host lists: no device values are read.
+A step is served by up to two launches that write disjoint rows of the output: decode tokens
+(one query each: a 16-row tile, the key range optionally cut into ``num_splits`` parts,
+flash-decoding, when there are too few programs to fill the GPU; each part writes its
+unnormalised output and (max, sum) to scratch and ``_combine_kernel`` merges them) and prefill
+chunks (a tall tile, BLOCK_M rows, so K/V tiles are reused by many queries).
+
+The launch plan (which program serves which query block, the block tables, the split count)
+is built on the host from host lists and copied to the device in one transfer: no device
+values are read. On CUDA the tile width, warps and pipeline depth are autotuned once per
+(kind of launch, head dim, group, dtype); explicit ``block_n`` skips tuning.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off_head, d, scale, stride_ckv,
+                 stride_cb, stride_cs, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over keys [lo, hi), BLOCK_N at a time; MASKED: keys past ``kv_hi`` or past a row's
+    ``position`` are hidden (else every key of the span is visible to every row)."""
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            key_ok = keys < kv_hi
+            block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        else:
+            block = tl.load(table + keys // BLOCK_SIZE).to(tl.int64)
+        kv_off = block * stride_cb + (keys % BLOCK_SIZE) * stride_cs + kv_off_head
+        if MASKED:
+            k = tl.load(Cache + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(Cache + stride_ckv + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
+        else:
+            k = tl.load(Cache + kv_off[:, None] + d[None, :])
+            v = tl.load(Cache + stride_ckv + kv_off[:, None] + d[None, :])
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            s = tl.where(key_ok[None, :] & (keys[None, :] <= position[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -44,71 +85,102 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
     token = q_first + rows // GROUP  # query offset inside this sequence's chunk
     head = kv_head * GROUP + rows % GROUP
     row_ok = (rows < BLOCK_Q * GROUP) & (token < query_len)
-    position = context_len - query_len + token  # absolute position of each query row
+    first_position = context_len - query_len + q_first
+    position = first_position + rows // GROUP  # absolute position of each query row
     d = tl.arange(0, HEAD_DIM)
     q_ptr = Q + (q_start + token)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
 
-    # Keys this block needs: up to the last query's position; this split's share of them.
+    # Keys this block needs: up to its last query's position; this split's share of them.
     last = tl.minimum(q_first + BLOCK_Q, query_len) - 1
     kv_end = context_len - query_len + last + 1
     per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
     kv_lo = split * per_split
     kv_hi = tl.minimum(kv_end, kv_lo + per_split)
+    # Whole BLOCK_N tiles that every row sees (keys <= the first row's position) need no mask.
+    unmasked = tl.maximum(tl.minimum(kv_hi, first_position + 1) - kv_lo, 0) // BLOCK_N * BLOCK_N
+    full_hi = kv_lo + unmasked
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     table = block_tables + seq.to(tl.int64) * stride_bt
-    for start in range(kv_lo, kv_hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < kv_hi
-        block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        kv_off = block * stride_cb + (keys % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        k = tl.load(Cache + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(Cache + stride_ckv + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
-        visible = key_ok[None, :] & (keys[None, :] <= position[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+    kv_off_head = kv_head * stride_ch
+    acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, Cache, table, kv_lo, full_hi, kv_hi, position, kv_off_head, d,
+                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, False)
+    acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, Cache, table, full_hi, kv_hi, kv_hi, position, kv_off_head, d,
+                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, True)
 
-    row = (q_start + token).to(tl.int64)
-    if SPLIT:
-        part = PartOut + split * stride_ps + row[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
+    if SPLIT:  # decode launches only (BLOCK_Q == 1): scratch row = program id
+        part_row = pid.to(tl.int64)
+        part = PartOut + split * stride_ps + part_row * stride_pt + head[:, None] * stride_ph + d[None, :]
         tl.store(part, acc, mask=row_ok[:, None])
-        stat = split * stride_ms + row * stride_mt + head
+        stat = split * stride_ms + part_row * stride_mt + head
         tl.store(PartM + stat, m_i, mask=row_ok)
         tl.store(PartL + stat, l_i, mask=row_ok)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        row = (q_start + token).to(tl.int64)
         o_ptr = Out + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _combine_kernel(Out, PartOut, PartM, PartL, num_splits, stride_ot, stride_oh, stride_ps, stride_pt, stride_ph,
-                    stride_ms, stride_mt, HEAD_DIM: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _combine_kernel(Out, PartOut, PartM, PartL, qblock_seq, qblock_first, query_starts, num_splits,
+                    stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
+                    HEAD_DIM: tl.constexpr):
+    """Merge the split parts of one decode token (program id = its scratch row) for one head."""
+    pid = tl.program_id(0)
     head = tl.program_id(1)
+    part_row = pid.to(tl.int64)
+    row = (tl.load(query_starts + tl.load(qblock_seq + pid)) + tl.load(qblock_first + pid)).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     m_all = float("-inf")
     for s in range(0, num_splits):
-        m_all = tl.maximum(m_all, tl.load(PartM + s * stride_ms + row * stride_mt + head))
+        m_all = tl.maximum(m_all, tl.load(PartM + s * stride_ms + part_row * stride_mt + head))
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     total = 0.0
     acc = tl.zeros([HEAD_DIM], tl.float32)
     for s in range(0, num_splits):
-        weight = tl.exp(tl.load(PartM + s * stride_ms + row * stride_mt + head) - m_safe)
-        total += weight * tl.load(PartL + s * stride_ms + row * stride_mt + head)
-        acc += weight * tl.load(PartOut + s * stride_ps + row * stride_pt + head * stride_ph + d)
+        weight = tl.exp(tl.load(PartM + s * stride_ms + part_row * stride_mt + head) - m_safe)
+        total += weight * tl.load(PartL + s * stride_ms + part_row * stride_mt + head)
+        acc += weight * tl.load(PartOut + s * stride_ps + part_row * stride_pt + head * stride_ph + d)
     out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(Out + row * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty))
+
+
+# Candidate launch configurations on CUDA, per kind of launch. Decode tiles are short (16 rows),
+# so the question is how many keys to keep in flight; prefill tiles are tall and compute-bound.
+DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2)]  # (BLOCK_N, warps, stages)
+PREFILL_CONFIGS = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 8, 4)]
+
+
+@functools.cache
+def _tuned(kind: str) -> Any:
+    """The attention kernel wrapped in Triton's autotuner (CUDA only: tuning times launches)."""
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+               for n, w, s in (DECODE_CONFIGS if kind == "decode" else PREFILL_CONFIGS)]
+    return triton.autotune(configs, key=["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM", "SPLIT"])(_attention_kernel)
+
+
+_TUNED_KINDS: set[str] = set()  # kinds of launch that went through the autotuner
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """What the autotuner chose so far, per kind of launch and key (for ``make gpu-check``)."""
+    return {kind: {str(key): str(cfg) for key, cfg in _tuned(kind).cache.items()} for kind in sorted(_TUNED_KINDS)}
+
+
+@dataclass
+class Launch:
+    """One kernel launch of a step: its programs (query block -> sequence, first token)."""
+
+    kind: str  # "decode" (one query per sequence) or "prefill" (chunks of BLOCK_Q tokens)
+    qblock_seq: torch.Tensor  # int32 [programs]
+    qblock_first: torch.Tensor  # int32 [programs]
+    programs: int
+    block_q: int
+    num_splits: int
 
 
 @dataclass
@@ -120,51 +192,67 @@ class AttentionPlan:
     context_lens: torch.Tensor  # int32 [seqs]
     query_lens: torch.Tensor  # int32 [seqs]
     query_starts: torch.Tensor  # int32 [seqs]
-    qblock_seq: torch.Tensor  # int32 [programs]
-    qblock_first: torch.Tensor  # int32 [programs]
-    block_q: int
-    num_splits: int
+    launches: list[Launch]
+
+    @property
+    def num_splits(self) -> int:
+        return max(launch.num_splits for launch in self.launches)
 
 
 def plan(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], group: int,
-         device: torch.device, num_splits: int | None = None, block_m: int = 64, sm_count: int = 132) -> AttentionPlan:
-    """Build the launch plan from host lists. ``num_splits`` None: split the key range only for
-    decode-only batches too small to fill ``sm_count`` multiprocessors twice over."""
+         device: torch.device, num_splits: int | None = None, block_m: int | None = None,
+         sm_count: int = 132) -> AttentionPlan:
+    """Build the launch plan from host lists. Decode tokens and prefill chunks get a launch each.
+    ``num_splits`` (decode launch) None: split the key range only when the decode programs are too
+    few to fill ``sm_count`` multiprocessors twice over. ``block_m``: rows of a prefill tile
+    (default 128 on CUDA, 64 elsewhere)."""
     if not (len(query_lens) == len(context_lens) == len(block_tables)) or not query_lens:
         raise ValueError("query_lens, context_lens and block_tables must be non-empty and of one length")
     if any(q < 1 or q > c for q, c in zip(query_lens, context_lens)):
         raise ValueError("each sequence needs 1 <= query_len <= context_len")
-    block_q = 1 if max(query_lens) == 1 else max(1, block_m // group)
-    seqs, firsts = [], []
+    block_m = block_m or (128 if device.type == "cuda" else 64)
+    decode = [i for i, q in enumerate(query_lens) if q == 1]
+    prefill_q = max(1, block_m // group)
+    prefill_seqs, prefill_firsts = [], []
     for i, q in enumerate(query_lens):
-        for first in range(0, q, block_q):
-            seqs.append(i)
-            firsts.append(first)
-    if num_splits is None:
-        num_splits = 1
-        if max(query_lens) == 1:
-            programs = len(seqs) * max(1, 8 // group)  # rough: KV heads per sequence are a second grid axis
-            longest = max(context_lens)
-            while num_splits < 16 and programs * num_splits < 2 * sm_count and longest // (num_splits * 2) >= 256:
-                num_splits *= 2
+        if q > 1:
+            for first in range(0, q, prefill_q):
+                prefill_seqs.append(i)
+                prefill_firsts.append(first)
+    splits = 1
+    if decode and num_splits is not None:
+        splits = num_splits
+    elif decode:
+        programs = len(decode) * max(1, 8 // group)  # rough: KV heads per sequence are a second grid axis
+        longest = max(context_lens[i] for i in decode)
+        while splits < 16 and programs * splits < 2 * sm_count and longest // (splits * 2) >= 256:
+            splits *= 2
     width = max(len(t) for t in block_tables)
-    tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
-    for i, t in enumerate(block_tables):
-        tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
     starts = [0]
     for q in query_lens[:-1]:
         starts.append(starts[-1] + q)
-
-    def ints(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
-
-    return AttentionPlan(sum(query_lens), tables.to(device, non_blocking=True), ints(context_lens), ints(query_lens),
-                         ints(starts), ints(seqs), ints(firsts), block_q, num_splits)
+    # One host tensor, one transfer; the plan's tensors are views of it.
+    flat: list[int] = []
+    for t in block_tables:
+        flat += t
+        flat += [0] * (width - len(t))
+    n = len(query_lens)
+    sections = [width * n, n, n, n, len(decode), len(decode), len(prefill_seqs), len(prefill_seqs)]
+    flat += context_lens + query_lens + starts + decode + [0] * len(decode) + prefill_seqs + prefill_firsts
+    packed = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
+    tables, ctx, qlens, qstarts, dec_seq, dec_first, pre_seq, pre_first = torch.split(packed, sections)
+    launches = []
+    if decode:
+        launches.append(Launch("decode", dec_seq, dec_first, len(decode), 1, splits))
+    if prefill_seqs:
+        launches.append(Launch("prefill", pre_seq, pre_first, len(prefill_seqs), prefill_q, 1))
+    return AttentionPlan(sum(query_lens), tables.view(n, width), ctx, qlens, qstarts, launches)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: AttentionPlan, scale: float,
                     out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
-    """q [tokens, heads, head_dim]; kv_cache [2, blocks, block_size, kv_heads, head_dim] -> [tokens, heads, head_dim]."""
+    """q [tokens, heads, head_dim]; kv_cache [2, blocks, block_size, kv_heads, head_dim] -> [tokens, heads, head_dim].
+    ``block_n``: keys per tile, fixed (else autotuned on CUDA, 64 elsewhere)."""
     tokens, heads, head_dim = q.shape
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
         raise ValueError(f"kv_cache {tuple(kv_cache.shape)} is not [2, blocks, block, kv_heads, {head_dim}]")
@@ -183,28 +271,33 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
     out = torch.empty_like(q) if out is None else out
     if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must match q")
-    block_q = attn_plan.block_q
-    block_m = max(16, triton.next_power_of_2(block_q * group))
-    block_n = block_n or 64
-    splits = attn_plan.num_splits
-    programs = attn_plan.qblock_seq.shape[0]
-    if splits > 1:
-        part = torch.empty(splits, tokens, heads, head_dim, dtype=torch.float32, device=q.device)
-        part_m = torch.empty(splits, tokens, heads, dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-    else:
-        part = part_m = part_l = out  # unused
-    _attention_kernel[(programs, kv_heads, splits)](
-        q, kv_cache, out, part, part_m, part_l, attn_plan.block_tables, attn_plan.context_lens,
-        attn_plan.query_lens, attn_plan.query_starts, attn_plan.qblock_seq, attn_plan.qblock_first, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), attn_plan.block_tables.stride(0),
-        part.stride(0) if splits > 1 else 0, part.stride(1) if splits > 1 else 0, part.stride(2) if splits > 1 else 0,
-        part_m.stride(0) if splits > 1 else 0, part_m.stride(1) if splits > 1 else 0,
-        splits, GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, SPLIT=splits > 1)
-    if splits > 1:
-        _combine_kernel[(tokens, heads)](out, part, part_m, part_l, splits, out.stride(0), out.stride(1),
-                                         part.stride(0), part.stride(1), part.stride(2), part_m.stride(0),
-                                         part_m.stride(1), HEAD_DIM=head_dim)
+    tune = q.is_cuda and block_n is None
+    for launch in attn_plan.launches:
+        splits = launch.num_splits
+        if splits > 1:
+            part = torch.empty(splits, launch.programs, heads, head_dim, dtype=torch.float32, device=q.device)
+            part_m = torch.empty(splits, launch.programs, heads, dtype=torch.float32, device=q.device)
+            part_l = torch.empty_like(part_m)
+            part_strides = (part.stride(0), part.stride(1), part.stride(2), part_m.stride(0), part_m.stride(1))
+        else:
+            part = part_m = part_l = out  # unused
+            part_strides = (0, 0, 0, 0, 0)
+        args = (q, kv_cache, out, part, part_m, part_l, attn_plan.block_tables, attn_plan.context_lens,
+                attn_plan.query_lens, attn_plan.query_starts, launch.qblock_seq, launch.qblock_first, scale,
+                q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+                attn_plan.block_tables.stride(0), *part_strides, splits)
+        meta = dict(GROUP=group, BLOCK_Q=launch.block_q, BLOCK_M=max(16, triton.next_power_of_2(launch.block_q * group)),
+                    BLOCK_SIZE=block_size, HEAD_DIM=head_dim, SPLIT=splits > 1)
+        grid = (launch.programs, kv_heads, splits)
+        if tune:
+            _TUNED_KINDS.add(launch.kind)
+            _tuned(launch.kind)[grid](*args, **meta)
+        else:
+            _attention_kernel[grid](*args, **meta, BLOCK_N=block_n or 64)
+        if splits > 1:
+            _combine_kernel[(launch.programs, heads)](out, part, part_m, part_l, launch.qblock_seq,
+                                                      launch.qblock_first, attn_plan.query_starts, splits,
+                                                      out.stride(0), out.stride(1), *part_strides,
+                                                      HEAD_DIM=head_dim)
     return out

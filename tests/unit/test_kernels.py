@@ -46,6 +46,7 @@ CASES = [  # (query_lens, context_lens): mixes of prefill chunks and decode toke
     ([1, 1, 1], [5, 17, 33]),  # decode only, lengths off the block size
     ([3, 1, 20, 1], [3, 40, 29, 16]),  # mixed: a chunk continuing a cached prefix, decodes
     ([1, 12], [150, 12]),  # a sequence spanning many blocks beside a fresh prompt
+    ([40, 1], [200, 77]),  # a late chunk of a long prompt: unmasked tiles, then the causal edge
 ]
 
 
@@ -71,6 +72,19 @@ def test_split_kv_decode_matches_the_reference(splits, group):
     expected = paged_attention_reference(q, cache, query_lens, context_lens, tables, 0.2)
     out = torch.full_like(q, float("nan"))
     attn_plan = plan(query_lens, context_lens, tables, group, q.device, num_splits=splits)
+    paged_attention(q, cache, attn_plan, 0.2, out=out, block_n=16)
+    assert not torch.isnan(out).any()
+    assert (out - expected).abs().max().item() < TOL[torch.float32]
+
+
+def test_a_mixed_batch_splits_its_decode_launch_only():
+    query_lens, context_lens = [1, 9, 1, 30], [70, 30, 128, 100]
+    q, cache, tables = random_batch(7, query_lens, context_lens, 2, 4, 32, 16, torch.float32)
+    expected = paged_attention_reference(q, cache, query_lens, context_lens, tables, 0.2)
+    attn_plan = plan(query_lens, context_lens, tables, 4, q.device, num_splits=3, block_m=16)
+    assert [(launch.kind, launch.programs, launch.num_splits) for launch in attn_plan.launches] == \
+        [("decode", 2, 3), ("prefill", 3 + 8, 1)]  # prefill chunks of 16 // 4 = 4 tokens
+    out = torch.full_like(q, float("nan"))
     paged_attention(q, cache, attn_plan, 0.2, out=out, block_n=16)
     assert not torch.isnan(out).any()
     assert (out - expected).abs().max().item() < TOL[torch.float32]
