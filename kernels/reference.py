@@ -70,3 +70,15 @@ def rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm of x + residual, x + residual): what ``add_rms_norm`` returns and leaves in residual."""
+    total = x + residual
+    return rms_norm_reference(total, weight, eps), total
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -72,6 +72,7 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str
+    fused_ops: bool  # the model runs its norms, rotary and SiLU-mul through the Triton kernels too
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -99,6 +100,7 @@ class TorchAttention:
     """The CPU path: decode rows batched in one call, prefill chunks one sequence at a time."""
 
     name = "torch"
+    fused_ops = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -121,6 +123,7 @@ class TritonAttention:
     is built once per step on the host and shared by every layer."""
 
     name = "triton"
+    fused_ops = True
 
     def __init__(self) -> None:
         from kernels import kv_store, paged_attention

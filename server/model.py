@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,13 +14,40 @@ from .model_config import ModelConfig
 from .rope import RotaryEmbedding
 
 
+class FusedOps(NamedTuple):
+    """The Triton kernels that replace chains of small torch ops (the GPU path, see ``use_fused_ops``)."""
+
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def load_fused_ops() -> FusedOps:
+    from kernels.activation import silu_and_mul
+    from kernels.rms_norm import add_rms_norm, rms_norm
+    from kernels.rotary import rotary_embedding
+
+    return FusedOps(rms_norm, add_rms_norm, silu_and_mul, rotary_embedding)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ops: FusedOps | None = None
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual); the fused kernel adds into ``residual`` in place."""
+        if self.ops is not None:
+            return self.ops.add_rms_norm(x, residual, self.weight, self.eps), residual
+        total = x + residual
+        return self(total), total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         out: torch.Tensor = self.weight * xf.to(x.dtype)
@@ -33,6 +63,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.rope = rope
         self.scale = cfg.head_dim ** -0.5
+        self.ops: FusedOps | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
@@ -41,7 +72,10 @@ class Attention(nn.Module):
         q = q.reshape(tokens, self.cfg.num_heads, self.cfg.head_dim)  # [tokens, heads, dim]
         k = k.reshape(tokens, self.cfg.num_kv_heads, self.cfg.head_dim)  # [tokens, kv_heads, dim]
         v = v.reshape(tokens, self.cfg.num_kv_heads, self.cfg.head_dim)
-        q, k = self.rope(positions, q, k)
+        if self.ops is not None:
+            self.ops.rotary(q, k, positions, self.rope.cos, self.rope.sin)  # in place
+        else:
+            q, k = self.rope(positions, q, k)
         o = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, dim]
         out: torch.Tensor = self.o_proj(o.reshape(tokens, self.cfg.q_size))
         return out
@@ -52,8 +86,12 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # packed
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.ops: FusedOps | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            fused: torch.Tensor = self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+            return fused
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [tokens, intermediate] each
         out: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return out
@@ -69,8 +107,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
-        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
+        h, x = self.post_attention_layernorm.add_forward(attn, x)  # x += attn; h = norm(x)
+        out: torch.Tensor = x + self.mlp(h)
         return out
 
 
@@ -97,9 +136,19 @@ class LlamaModel(nn.Module):
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.model = Backbone(cfg, rope)
         self.rope = rope
+        self.fused = False  # see use_fused_ops
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def use_fused_ops(self, enabled: bool) -> None:
+        """Run RMSNorm (with the residual add), rotary and SiLU-mul through Triton kernels: one
+        launch each instead of a chain of small torch ops (what bounds a small decode step on a GPU)."""
+        ops = load_fused_ops() if enabled else None
+        self.fused = enabled
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.ops = ops
 
     def hf_tensors(self) -> dict[str, torch.Tensor]:
         """Every Hugging Face tensor name of this model -> the view of our weights it fills."""
@@ -125,6 +174,8 @@ class LlamaModel(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, backend: AttentionBackend, logit_rows: torch.Tensor) -> torch.Tensor:
         """token_ids, positions: [tokens]; logit_rows: [n] rows whose logits to return -> [n, vocab] float32."""
+        if backend.fused_ops != self.fused:
+            self.use_fused_ops(backend.fused_ops)
         x = self.model.embed_tokens(token_ids)  # [tokens, hidden]
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, positions, kv_cache, meta, backend)

@@ -155,3 +155,33 @@ def test_rotary_matches_the_model_rope(dtype, heads, kv_heads):
     rotary_embedding(q, k, positions, cos, sin)
     assert (q.float() - want_q.float()).abs().max().item() < TOL[dtype]
     assert (k.float() - want_k.float()).abs().max().item() < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [64, 100])
+def test_add_rms_norm_matches_the_reference_and_updates_the_residual(dtype, hidden):
+    from kernels.reference import add_rms_norm_reference
+    from kernels.rms_norm import add_rms_norm
+
+    gen = torch.Generator().manual_seed(hidden + 1)
+    x, residual = (torch.randn(5, hidden, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    w = torch.randn(hidden, generator=gen).to(dtype).to(DEVICE)
+    want, want_sum = add_rms_norm_reference(x, residual, w, 1e-6)
+    out = add_rms_norm(x, residual, w, 1e-6)
+    assert torch.equal(residual, want_sum)  # one rounding of the sum, as torch's add
+    assert (out.float() - want.float()).abs().max().item() < TOL[dtype] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [48, 1500])  # one tile; several tiles with a ragged last one
+def test_silu_and_mul_matches_the_reference(dtype, n):
+    from kernels.activation import silu_and_mul
+    from kernels.reference import silu_and_mul_reference
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(3, 2 * n, generator=gen).to(dtype).to(DEVICE) * 4
+    out = silu_and_mul(x)
+    assert out.shape == (3, n)
+    assert (out.float() - silu_and_mul_reference(x).float()).abs().max().item() < TOL[dtype] * 4
+    with pytest.raises(ValueError, match="2 \\* n"):
+        silu_and_mul(x[:, :-1])
