@@ -199,6 +199,16 @@ class AttentionPlan:
         return max(launch.num_splits for launch in self.launches)
 
 
+def decode_splits(num_seqs: int, longest: int, group: int, sm_count: int) -> int:
+    """Key-range parts per decode token: double while the programs fill fewer than two waves of
+    ``sm_count`` multiprocessors and each part keeps at least 256 keys (at most 16 parts)."""
+    programs = num_seqs * max(1, 8 // group)  # rough: KV heads per sequence are a second grid axis
+    splits = 1
+    while splits < 16 and programs * splits < 2 * sm_count and longest // (splits * 2) >= 256:
+        splits *= 2
+    return splits
+
+
 def plan(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], group: int,
          device: torch.device, num_splits: int | None = None, block_m: int | None = None,
          sm_count: int = 132) -> AttentionPlan:
@@ -223,10 +233,7 @@ def plan(query_lens: list[int], context_lens: list[int], block_tables: list[list
     if decode and num_splits is not None:
         splits = num_splits
     elif decode:
-        programs = len(decode) * max(1, 8 // group)  # rough: KV heads per sequence are a second grid axis
-        longest = max(context_lens[i] for i in decode)
-        while splits < 16 and programs * splits < 2 * sm_count and longest // (splits * 2) >= 256:
-            splits *= 2
+        splits = decode_splits(len(decode), max(context_lens[i] for i in decode), group, sm_count)
     width = max(len(t) for t in block_tables)
     starts = [0]
     for q in query_lens[:-1]:

@@ -15,6 +15,7 @@ import torch
 from .attention import AttentionBackend, AttentionMetadata, TorchAttention
 from .batcher import Batcher, Scheduled
 from .block_manager import BlockManager
+from .cuda_graphs import DecodeGraphs
 from .detokenizer import Decoder, TextStream
 from .model import LlamaModel
 from .model_config import ModelConfig
@@ -33,6 +34,7 @@ class EngineConfig:
     kv_cache_memory: float = 0.0  # bytes on CPU; fraction of free memory on CUDA; 0: default
     max_model_len: int = 0  # 0: the model's max_position_embeddings (capped at 8192)
     enable_prefix_caching: bool = True
+    decode_graphs: bool = False  # replay all-decode steps from CUDA graphs (Triton backend)
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,17 @@ class LLMEngine:
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
         num_blocks = config.kv_cache_blocks or self._blocks_from_memory()
-        # [layers] x [2, num_blocks, block_size, kv_heads, head_dim]
-        self.kv_caches = [torch.zeros(2, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim,
+        # [layers] x [2, num_blocks + 1, block_size, kv_heads, head_dim]; the last block is never
+        # handed out: padded rows of a decode graph write their K/V there
+        self.kv_caches = [torch.zeros(2, num_blocks + 1, config.block_size, cfg.num_kv_heads, cfg.head_dim,
                                       dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.eos_token_ids = set(cfg.eos_token_ids)
+        self.graphs: DecodeGraphs | None = None
+        if config.decode_graphs:
+            self.graphs = self._capture_graphs(num_blocks)
         log.info("engine: %d KV blocks x %d tokens, max %d seqs, %d batched tokens, attention=%s",
                  num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens, self.backend.name)
 
@@ -114,6 +120,18 @@ class LLMEngine:
 
     # ---- internals ----
 
+    def _capture_graphs(self, num_blocks: int) -> DecodeGraphs | None:
+        if not self.backend.fused_ops:
+            raise ValueError("decode graphs need the triton attention backend")
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.config.block_size, self.max_model_len,
+                              self.config.max_num_seqs, pad_block=num_blocks, capture=self.device.type == "cuda")
+        try:
+            graphs.warm_up_and_capture(num_blocks)
+        except Exception:  # e.g. an op that cannot be captured: serve eagerly rather than not at all
+            log.exception("decode graph capture failed; decode steps run eagerly")
+            return None
+        return graphs
+
     def _run(self, batch: list[Scheduled]) -> torch.Tensor:
         token_ids: list[int] = []
         positions: list[int] = []
@@ -128,10 +146,16 @@ class LLMEngine:
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
             if item.is_last_chunk:
                 logit_rows.append(len(token_ids) - 1)
+        context_lens = [item.seq.num_computed + item.num_tokens for item in batch]
+        tables = [item.seq.block_table for item in batch]
+        if self.graphs is not None and len(logit_rows) == len(token_ids) == len(batch):  # decode tokens only
+            replayed = self.graphs.run(token_ids, positions, slots, context_lens, tables)
+            if replayed is not None:
+                return replayed
         meta = AttentionMetadata(
             query_lens=[item.num_tokens for item in batch],
-            context_lens=[item.seq.num_computed + item.num_tokens for item in batch],
-            block_tables=[item.seq.block_table for item in batch],
+            context_lens=context_lens,
+            block_tables=tables,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_size=bs)
         logits: torch.Tensor = self.model(torch.tensor(token_ids, dtype=torch.long, device=self.device),

@@ -101,7 +101,8 @@ def test_requests_longer_than_the_context_are_refused():
 
 
 def test_the_triton_backend_gives_the_torch_backends_tokens():
-    """Under TRITON_INTERPRET=1 on CPU (or on a GPU): the whole engine through our kernels."""
+    """Under TRITON_INTERPRET=1 on CPU (or on a GPU): the whole engine through our kernels
+    (attention, KV store, and the fused norms, rotary and SiLU-mul the Triton backend switches on)."""
     pytest.importorskip("triton")
     from server.attention import TritonAttention
 
@@ -112,3 +113,30 @@ def test_the_triton_backend_gives_the_torch_backends_tokens():
     triton_engine = LLMEngine(TINY.model, TINY.config, TINY.tokenizer,
                               EngineConfig(kv_cache_blocks=64, block_size=8), backend=TritonAttention())
     assert run(triton_engine, requests) == torch_run
+    assert TINY.model.fused and TINY.model.model.layers[0].mlp.ops is not None
+    assert run(engine(block_size=8), requests) == torch_run  # and a torch engine switches them off again
+    assert not TINY.model.fused and TINY.model.model.layers[0].mlp.ops is None
+
+
+def test_decode_graph_buffers_give_the_eager_tokens():
+    """The static-buffer decode path (padding to a bucket, the pad block, a fixed split count) on
+    CPU: the same forward a CUDA graph records, run without capture, under the interpreter."""
+    pytest.importorskip("triton")
+    from server.attention import TritonAttention
+
+    requests = {f"g{i}": (TINY.tokenizer.encode(f"graph check {i} " * (i + 2)),
+                          SamplingParams(max_tokens=3 + 2 * i, ignore_eos=True, seed=i, temperature=0.7 * i))
+                for i in range(3)}  # 3 rows pad to the 4-bucket; as they finish, buckets 2 and 1
+    eager = run(LLMEngine(TINY.model, TINY.config, TINY.tokenizer, EngineConfig(kv_cache_blocks=64, block_size=8),
+                          backend=TritonAttention()), requests)
+    graphed = LLMEngine(TINY.model, TINY.config, TINY.tokenizer,
+                        EngineConfig(kv_cache_blocks=64, block_size=8, max_num_seqs=4, decode_graphs=True),
+                        backend=TritonAttention())
+    assert graphed.graphs is not None and sorted(graphed.graphs.buckets) == [1, 2, 4]
+    assert run(graphed, requests) == eager
+    assert graphed.graphs.replays >= 6  # decode steps at 3, 2 and 1 running sequences all went through it
+
+
+def test_decode_graphs_need_the_triton_backend():
+    with pytest.raises(ValueError, match="triton"):
+        engine(decode_graphs=True)
