@@ -111,6 +111,7 @@ class NodeConfig:
     max_model_len: int = 0  # 0: the model's own limit (capped at 8192)
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     attention_backend: str = "auto"  # triton on CUDA, torch elsewhere
+    cuda_graphs: bool = False  # replay decode steps from CUDA graphs (CUDA + triton backend)
     min_step_ms: float = 0.0  # pace engine steps to at least this long (demos: several "accelerators" on one CPU)
     max_queue_len: int = 4096  # pending requests beyond this get 503 + Retry-After
     max_tokens_cap: int = 4096

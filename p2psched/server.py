@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "separate accelerators (demos; default 0: off)")
     eng.add_argument("--attention-backend", choices=["auto", "triton", "torch"], default=d.attention_backend,
                      help="auto: Triton kernels on CUDA, the torch reference on CPU (default %(default)s)")
+    eng.add_argument("--cuda-graphs", "--use-cudagraph", action="store_true", default=d.cuda_graphs,
+                     help="replay decode steps from CUDA graphs, one per batch-size bucket, captured at start "
+                          "(CUDA with the triton backend; --use-cudagraph is FastDeploy's name)")
     eng.add_argument("--cpu-threads", type=int, default=d.cpu_threads,
                      help="torch threads on CPU (default 0: torch's choice; 1 when several nodes share a host)")
     node.add_argument("--max-queue-len", type=int, default=d.max_queue_len,
@@ -118,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                       kv_cache_blocks=args.kv_cache_blocks, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                       block_size=args.block_size,
                       max_model_len=args.max_model_len, cpu_threads=args.cpu_threads, min_step_ms=args.min_step_ms,
-                      attention_backend=args.attention_backend,
+                      attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
                       max_queue_len=args.max_queue_len,
                       scheduler=scheduler, sim=sim)
 
@@ -151,12 +154,15 @@ def build_node(config: NodeConfig) -> Node:
     if config.attention_backend == "triton" and not device.startswith("cuda"):
         raise ConfigError("--attention-backend triton needs a CUDA device (CI checks the kernels with "
                           "TRITON_INTERPRET=1 in tests)")
-    loaded = load(config.model_name, config.dtype, device)
     backend = make_backend(config.attention_backend, torch.device(device))
+    if config.cuda_graphs and not (device.startswith("cuda") and backend.fused_ops):
+        raise ConfigError("--cuda-graphs needs a CUDA device and the triton attention backend")
+    loaded = load(config.model_name, config.dtype, device)
     engine = RealEngine(loaded, EngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         block_size=config.block_size, kv_cache_blocks=config.kv_cache_blocks, max_model_len=config.max_model_len,
-        kv_cache_memory=config.kv_cache_memory_fraction if device.startswith("cuda") else 0.0), backend)
+        kv_cache_memory=config.kv_cache_memory_fraction if device.startswith("cuda") else 0.0,
+        decode_graphs=config.cuda_graphs), backend)
     tokenizer = loaded.tokenizer
     template = ChatTemplate.from_model_dir(loaded.path)
     return Node(config, engine, tokenizer, lambda stop: TextStream(tokenizer, stop), template)

@@ -35,7 +35,8 @@ def test_fastdeploy_flags_map_onto_the_config():
 
 
 @pytest.mark.parametrize("flags", [["--scheduler-port", "70000"], ["--max-num-seqs", "0"],
-                                   ["--scheduler-load-shards-num", "x"], ["--engine", "gpt"]])
+                                   ["--scheduler-load-shards-num", "x"], ["--engine", "gpt"],
+                                   ["--cuda-graphs", "--device", "cpu"]])
 def test_bad_cli_values_exit_2_with_one_line(flags):
     proc = subprocess.run([sys.executable, "-m", "p2psched.server", *flags], capture_output=True, text=True,
                           timeout=60)
