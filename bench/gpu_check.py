@@ -5,7 +5,9 @@
    GB/s beside a measured device-to-device copy bandwidth;
 3. engine decode throughput on the Llama-1B-shaped preset at batch 1, 16, 64 beside its memory
    roofline (bytes read per step / copy bandwidth);
-4. a two-node run on the one GPU, with stolen requests checked token for token.
+4. a two-node run on the one GPU, with stolen requests checked token for token;
+and first, ``pytest tests/gpu`` (the GPU-only tests: bf16 kernels, the engine with and without
+CUDA graphs against the torch backend).
 
 Each section is timed and guarded: a failure becomes a FAIL row, the others still run.
 """
@@ -82,6 +84,20 @@ def make_cache(context_lens: list[int], kv_heads: int, head_dim: int, block_size
     return cache, tables
 
 
+def section_tests() -> None:
+    """tests/gpu (skipped without CUDA) through pytest, in a child process."""
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"],
+                          capture_output=True, text=True, timeout=300)
+    summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    if proc.returncode not in (0, 5):
+        print(proc.stdout[-6000:], proc.stderr[-2000:], sep="\n")
+    counts = ", ".join(re.findall(r"\d+ (?:passed|failed|skipped|error)", summary)) or summary[:60]
+    row("tests", "pytest tests/gpu", counts, "OK" if proc.returncode == 0 else "FAIL")
+
+
 def section_correctness() -> None:
     from kernels.kv_store import kv_store
     from kernels.paged_attention import paged_attention, plan
@@ -121,6 +137,18 @@ def section_correctness() -> None:
     w = torch.randn(2048, device=DEVICE).to(DTYPE)
     err = (rms_norm(x, w, 1e-5).float() - rms_norm_reference(x, w, 1e-5).float()).abs().max().item()
     row("correct", f"rms norm {x.shape[0]}x2048", f"max err {err:.1e}", "OK" if err < 5e-2 else "FAIL")
+    from kernels.activation import silu_and_mul
+    from kernels.reference import add_rms_norm_reference, silu_and_mul_reference
+    from kernels.rms_norm import add_rms_norm
+
+    residual = torch.randn_like(x)
+    want, want_sum = add_rms_norm_reference(x, residual, w, 1e-5)
+    err = (add_rms_norm(x, residual, w, 1e-5).float() - want.float()).abs().max().item()
+    ok = err < 5e-2 and torch.equal(residual, want_sum)
+    row("correct", f"residual add + rms norm {x.shape[0]}x2048", f"max err {err:.1e}", "OK" if ok else "FAIL")
+    gate_up = torch.randn(size(4096, 8), 2 * 8192, device=DEVICE).to(DTYPE)
+    err = (silu_and_mul(gate_up).float() - silu_and_mul_reference(gate_up).float()).abs().max().item()
+    row("correct", f"silu(gate) * up {gate_up.shape[0]}x8192", f"max err {err:.1e}", "OK" if err < 5e-2 else "FAIL")
 
 
 def section_kernel_speed(bandwidth: float) -> None:
@@ -151,7 +179,7 @@ def section_kernel_speed(bandwidth: float) -> None:
     w = torch.randn(2048, device=DEVICE).to(DTYPE)
     fused, plain = timed(lambda: rms_norm(x, w, 1e-5)), timed(lambda: rms_norm_reference(x, w, 1e-5))
     row("speed", "rms norm 64x2048 (a decode step's shape)", f"{fused * 1e6:.1f} us",
-        f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f}; wire into the model if > 1)")
+        f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f})")
     from kernels.rotary import rotary_embedding
     from server.rope import RotaryEmbedding
 
@@ -163,7 +191,7 @@ def section_kernel_speed(bandwidth: float) -> None:
     fused = timed(lambda: rotary_embedding(rq, rk, positions, rope.cos, rope.sin))
     plain = timed(lambda: rope(positions, rq, rk))
     row("speed", "rotary q+k, 64 tokens (a decode step's shape)", f"{fused * 1e6:.1f} us",
-        f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f}; wire into the model if > 1)")
+        f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f})")
     batch, ctx = size(64, 4), size(2048, 64)
     cache, tables = make_cache([ctx] * batch, kv_heads, d, 16, DTYPE)
     q = torch.randn(batch, heads, d, device=DEVICE).to(DTYPE)
@@ -174,6 +202,11 @@ def section_kernel_speed(bandwidth: float) -> None:
         row("speed", f"decode attn {batch}x{ctx} d={d} gqa={heads // kv_heads} splits={p.num_splits}",
             f"{read / seconds / 1e9:.0f} GB/s",
             f"{read / seconds / bandwidth:.0%} of copy {bandwidth / 1e9:.0f} GB/s")
+    from kernels.paged_attention import tuned_configs
+
+    for kind, picks in tuned_configs().items():
+        for key, config in picks.items():
+            row("tuned", f"{kind} {key}", "", config)
 
 
 def section_engine(bandwidth: float) -> None:
@@ -189,32 +222,56 @@ def section_engine(bandwidth: float) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     cfg = loaded.config
     prompt, steps = size(512, 16), size(40, 3)
-    for batch in ((1, 16, 64) if not SMOKE else (1, 2)):
+
+    def decode(batch: int, graphs: bool) -> tuple[float, list[list[int]]]:
+        """Seconds per decode step at ``batch`` running sequences, and the tokens they made."""
+        t0 = time.perf_counter()
         engine = LLMEngine(loaded.model, cfg, loaded.tokenizer,
-                           EngineConfig(max_num_seqs=batch, kv_cache_blocks=batch * 1100 // 16 + 8),
+                           EngineConfig(max_num_seqs=batch, kv_cache_blocks=batch * 1100 // 16 + 8,
+                                        max_model_len=size(2048, 256), decode_graphs=graphs),
                            make_backend("triton", torch.device(DEVICE)))
+        if graphs:
+            captured = engine.graphs is not None and all(
+                b.graph is not None for b in engine.graphs.buckets.values()) or SMOKE
+            row("engine", f"capture decode graphs, batch <= {batch}", f"{time.perf_counter() - t0:.1f} s",
+                "OK" if captured else "FAIL: capture failed, see the log above")
         for i in range(batch):
             engine.add(f"r{i}", [1 + (i * 7 + j) % 250 for j in range(prompt)],
                        SamplingParams(max_tokens=80, ignore_eos=True))
+        made: dict[str, list[int]] = {f"r{i}": [] for i in range(batch)}
+
+        def step() -> None:
+            for out in engine.step():
+                made[out.request_id] += out.token_ids
+
         while any(s.num_computed < len(s.prompt_ids) for s in engine.seqs.values()):
-            engine.step()  # prefill
+            step()  # prefill
         for _ in range(size(5, 1)):
-            engine.step()
+            step()
         if not SMOKE:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
-            engine.step()
+            step()
         if not SMOKE:
             torch.cuda.synchronize()
-        step_s = (time.perf_counter() - t0) / steps
-        kv_bytes = 2 * cfg.num_layers * batch * (prompt + 50) * cfg.num_kv_heads * cfg.head_dim * DTYPE.itemsize
-        roofline = (weight_bytes + kv_bytes) / (bandwidth / 2)  # bytes read / read bandwidth
-        row("engine", f"decode batch {batch}, ctx ~{prompt + 50}", f"{batch / step_s:.0f} tok/s, {step_s * 1e3:.1f} ms",
-            f"roofline {roofline * 1e3:.2f} ms (x{step_s / roofline:.1f})")
+        seconds = (time.perf_counter() - t0) / steps
         del engine
         if not SMOKE:
             torch.cuda.empty_cache()
+        return seconds, list(made.values())
+
+    for batch in ((1, 16, 64) if not SMOKE else (1, 2)):
+        kv_bytes = 2 * cfg.num_layers * batch * (prompt + 50) * cfg.num_kv_heads * cfg.head_dim * DTYPE.itemsize
+        roofline = (weight_bytes + kv_bytes) / (bandwidth / 2)  # bytes read / read bandwidth
+        eager_s, eager_tokens = decode(batch, graphs=False)
+        row("engine", f"decode batch {batch}, ctx ~{prompt + 50}, eager", f"{batch / eager_s:.0f} tok/s, "
+            f"{eager_s * 1e3:.2f} ms", f"roofline {roofline * 1e3:.2f} ms (x{eager_s / roofline:.1f})")
+        graph_s, graph_tokens = decode(batch, graphs=True)  # --smoke: static buffers, no capture
+        same = sum(a == b for a, b in zip(eager_tokens, graph_tokens))
+        row("engine", f"decode batch {batch}, ctx ~{prompt + 50}, CUDA graphs", f"{batch / graph_s:.0f} tok/s, "
+            f"{graph_s * 1e3:.2f} ms", f"x{graph_s / roofline:.1f} of roofline, x{eager_s / graph_s:.2f} vs eager, "
+            f"{same}/{batch} streams identical")
 
 
 def section_cluster() -> None:
@@ -262,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     bandwidth = copy_bandwidth()
     row("machine", "device-to-device copy (read + write)", f"{bandwidth / 1e9:.0f} GB/s", name)
-    for title, fn in (("correct", section_correctness), ("speed", lambda: section_kernel_speed(bandwidth)),
+    for title, fn in (("tests", section_tests), ("correct", section_correctness), ("speed", lambda: section_kernel_speed(bandwidth)),
                       ("engine", lambda: section_engine(bandwidth)), ("cluster", section_cluster)):
         t0 = time.perf_counter()
         try:

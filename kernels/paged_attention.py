@@ -33,7 +33,8 @@ import triton.language as tl
 
 @triton.jit
 def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off_head, d, scale, stride_ckv,
-                 stride_cb, stride_cs, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+                 stride_cb, stride_cs, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Online softmax over keys [lo, hi), BLOCK_N at a time; MASKED: keys past ``kv_hi`` or past a row's
     ``position`` are hidden (else every key of the span is visible to every row)."""
     for start in range(lo, hi, BLOCK_N):
@@ -50,7 +51,7 @@ def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off
         else:
             k = tl.load(Cache + kv_off[:, None] + d[None, :])
             v = tl.load(Cache + stride_ckv + kv_off[:, None] + d[None, :])
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
         if MASKED:
             s = tl.where(key_ok[None, :] & (keys[None, :] <= position[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -58,7 +59,7 @@ def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -71,7 +72,8 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
                       stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
                       num_splits,
                       GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr):
+                      BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+                      PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -107,9 +109,9 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
     table = block_tables + seq.to(tl.int64) * stride_bt
     kv_off_head = kv_head * stride_ch
     acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, Cache, table, kv_lo, full_hi, kv_hi, position, kv_off_head, d,
-                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, False)
+                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, False, PRECISION)
     acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, Cache, table, full_hi, kv_hi, kv_hi, position, kv_off_head, d,
-                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, True)
+                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, True, PRECISION)
 
     if SPLIT:  # decode launches only (BLOCK_Q == 1): scratch row = program id
         part_row = pid.to(tl.int64)
@@ -295,7 +297,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                 attn_plan.block_tables.stride(0), *part_strides, splits)
         meta = dict(GROUP=group, BLOCK_Q=launch.block_q, BLOCK_M=max(16, triton.next_power_of_2(launch.block_q * group)),
-                    BLOCK_SIZE=block_size, HEAD_DIM=head_dim, SPLIT=splits > 1)
+                    BLOCK_SIZE=block_size, HEAD_DIM=head_dim, SPLIT=splits > 1,
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (no TF32)
         grid = (launch.programs, kv_heads, splits)
         if tune:
             _TUNED_KINDS.add(launch.kind)

@@ -44,7 +44,8 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 class _Bucket:
     size: int
     longs: torch.Tensor  # int64 [3, size]: token ids, positions, KV slots
-    ints: torch.Tensor  # int32 [size + size * width]: context lengths, then the block table
+    context_lens: torch.Tensor  # int32 [size]
+    tables: torch.Tensor  # int32 [size, width]
     meta: AttentionMetadata
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     logits: torch.Tensor | None = None
@@ -66,14 +67,14 @@ class DecodeGraphs:
         self.buckets: dict[int, _Bucket] = {}
         for size in bucket_sizes(max_num_seqs):
             longs = torch.zeros(3, size, dtype=torch.long, device=device)
-            ints = torch.zeros(size + size * self.width, dtype=torch.int32, device=device)
-            context_lens, tables = ints[:size], ints[size:].view(size, self.width)
+            context_lens = torch.ones(size, dtype=torch.int32, device=device)
+            tables = torch.zeros(size, self.width, dtype=torch.int32, device=device)
             arange = torch.arange(size, dtype=torch.int32, device=device)
             splits = decode_splits(size, max_model_len, cfg.num_heads // cfg.num_kv_heads, sm_count)
             attn_plan = AttentionPlan(size, tables, context_lens, torch.ones_like(arange), arange,
                                       [Launch("decode", arange, torch.zeros_like(arange), size, 1, splits)])
             meta = AttentionMetadata([1] * size, [1] * size, [], longs[2], block_size, _triton_plan=attn_plan)
-            self.buckets[size] = _Bucket(size, longs, ints, meta)
+            self.buckets[size] = _Bucket(size, longs, context_lens, tables, meta)
         self._rows = {size: torch.arange(size, device=device) for size in self.buckets}  # logit rows
         self.replays = 0
 
@@ -87,7 +88,10 @@ class DecodeGraphs:
         pool = None
         for size in sorted(self.buckets, reverse=True):
             bucket = self.buckets[size]
-            self._fill(bucket, [], [], [], [], [], warm=(context, blocks, num_blocks))
+            # every row a long context over the free (zeroed) blocks; all K/V writes go to the pad slot
+            pad_slot = self.pad_block * self.block_size
+            self._fill(bucket, [0] * size, [0] * size, [pad_slot] * size, [context] * size,
+                       [[(row * blocks + j) % num_blocks for j in range(blocks)] for row in range(size)])
             stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -109,25 +113,17 @@ class DecodeGraphs:
         return out
 
     def _fill(self, bucket: _Bucket, tokens: list[int], positions: list[int], slots: list[int],
-              context_lens: list[int], tables: list[list[int]], warm: tuple[int, int, int] | None = None) -> None:
-        size, width = bucket.size, self.width
-        pad = size - len(tokens)
+              context_lens: list[int], tables: list[list[int]]) -> None:
+        """Copy one step's rows into the bucket's inputs, padding the rest. Only the used width of
+        the block table is copied: the kernels never read past a row's context."""
+        pad = bucket.size - len(tokens)
         pad_slot = self.pad_block * self.block_size
         longs = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [pad_slot] * pad], dtype=torch.long)
-        flat: list[int] = []
-        if warm is None:
-            flat += context_lens + [1] * pad
-            for table in tables:
-                flat += table
-                flat += [0] * (width - len(table))
-            flat += ([self.pad_block] + [0] * (width - 1)) * pad
-        else:  # every row a long context over the free (zeroed) blocks
-            context, blocks, num_blocks = warm
-            flat += [context] * size
-            for row in range(size):
-                flat += [(row * blocks + j) % num_blocks for j in range(blocks)] + [0] * (width - blocks)
+        used = max([len(t) for t in tables] + [1])
+        rows = [t + [0] * (used - len(t)) for t in tables] + [[self.pad_block] + [0] * (used - 1)] * pad
         bucket.longs.copy_(longs, non_blocking=True)
-        bucket.ints.copy_(torch.tensor(flat, dtype=torch.int32), non_blocking=True)
+        bucket.context_lens.copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        bucket.tables[:, :used].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
 
     def run(self, tokens: list[int], positions: list[int], slots: list[int], context_lens: list[int],
             tables: list[list[int]]) -> torch.Tensor | None:

@@ -31,3 +31,30 @@ def test_mixed_batch_bf16_matches_the_reference(head_dim, group):
                         out=out)
         assert not torch.isnan(out).any()
         assert (out.float() - expected).abs().max().item() < 2e-2
+
+
+def test_the_engine_on_cuda_with_and_without_decode_graphs_gives_the_torch_backends_tokens():
+    from server.attention import TorchAttention, TritonAttention
+    from server.engine import EngineConfig, LLMEngine
+    from server.loader import load
+    from server.sampling import SamplingParams
+
+    tiny = load("tiny", "float32", "cuda")
+    results = []
+    for backend, graphs in ((TorchAttention(), False), (TritonAttention(), False), (TritonAttention(), True)):
+        engine = LLMEngine(tiny.model, tiny.config, tiny.tokenizer,
+                           EngineConfig(kv_cache_blocks=128, block_size=16, max_num_seqs=4, max_model_len=512,
+                                        decode_graphs=graphs), backend=backend)
+        for i in range(3):
+            engine.add(f"r{i}", tiny.tokenizer.encode(f"graph {i} " * (5 + 9 * i)),
+                       SamplingParams(max_tokens=6 + 4 * i, ignore_eos=True))
+        made: dict[str, list[int]] = {f"r{i}": [] for i in range(3)}
+        while engine.has_work():
+            for out in engine.step():
+                made[out.request_id] += out.token_ids
+        if graphs:
+            assert engine.graphs is not None and engine.graphs.replays > 0
+            assert all(b.graph is not None for b in engine.graphs.buckets.values())
+        results.append(made)
+    assert results[1] == results[0]  # the Triton path (tf32 dots inside) picks the reference's tokens
+    assert results[2] == results[1]  # and replaying graphs changes nothing

@@ -13,6 +13,6 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     sections = {r[0] for r in rows}
-    assert sections == {"machine", "correct", "speed", "engine", "cluster"}
+    assert sections == {"machine", "tests", "correct", "speed", "engine", "cluster"}
     assert not any("FAIL" in r[3] for r in rows)
     assert "| section | measurement | value | reference / verdict |" in proc.stdout
