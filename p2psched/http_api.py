@@ -3,7 +3,8 @@
     POST /v1/completions        text or token-id prompt; streaming (SSE) or not
     POST /v1/chat/completions   messages through the model's chat template
     GET  /v1/models             the model this node serves
-    GET  /health                200 {"status": "ok"} or 503 {"status": "draining"}
+    GET  /health                200 {"status": "ok"}; 503 {"status": "starting"} before the node is
+                                registered and serving, {"status": "draining"} after SIGTERM
     GET  /stats                 counters and load, as JSON
     GET  /metrics               Prometheus text (also on --metrics-port)
 
@@ -116,6 +117,8 @@ class HttpServer:
     async def health(self, request: web.Request) -> web.Response:
         if self.node.is_draining:
             return web.json_response({"status": "draining", "node": self.node.name}, status=503)
+        if not self.node.ready.is_set():
+            return web.json_response({"status": "starting", "node": self.node.name}, status=503)
         return web.json_response({"status": "ok", "node": self.node.name})
 
     async def stats(self, request: web.Request) -> web.Response:

@@ -169,6 +169,7 @@ class Node:
                 group.create_task(self._watch_engine(), name="engine-watch")
                 if cfg.scheduler.is_global:
                     self._registry = Registry(cfg.scheduler)
+                    await self._register_first()  # "up" (and /health 200) means listed in the registry
                     group.create_task(self._registry_loop(), name="registry")
                     group.create_task(self._stealer(), name="stealer")
                 group.create_task(self._shutdown(http), name="shutdown")
@@ -325,6 +326,15 @@ class Node:
             if peer.model_id == self.engine.model_id:
                 self._links.link(peer)  # connect early: the first steal must not wait for a handshake
         self._links.prune(set(self.peers) | self.scheduler.remote.origins())
+
+    async def _register_first(self) -> None:
+        assert self._registry is not None
+        try:
+            await self._registry.heartbeat(self._record())
+        except RegistryUnavailable as exc:  # start anyway; the registry loop keeps trying
+            self.stats.registry_errors += 1
+            self.is_registry_stale = True
+            log.warning("registry unavailable at start (%s): serving alone until it is back", exc)
 
     async def _registry_loop(self) -> None:
         """Heartbeat every interval, and soon after our queue length changes (rate-limited)."""
