@@ -64,6 +64,19 @@ def test_paged_attention_matches_the_reference(group, case, dtype):
     assert (out.float() - expected).abs().max().item() < TOL[dtype]
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])  # the model sizes (Llama-3.2-1B: 64; 8B: 128)
+def test_paged_attention_at_model_head_dims(head_dim):
+    query_lens, context_lens = [3, 1, 20, 1], [3, 40, 29, 16]
+    q, cache, tables = random_batch(head_dim, query_lens, context_lens, 2, 4, head_dim, 16, torch.float16)
+    expected = paged_attention_reference(q.float(), cache.float(), query_lens, context_lens, tables, head_dim ** -0.5)
+    for splits in (1, 2):
+        out = torch.full_like(q, float("nan"))
+        attn_plan = plan(query_lens, context_lens, tables, 4, q.device, num_splits=splits, block_m=16)
+        paged_attention(q, cache, attn_plan, head_dim ** -0.5, out=out, block_n=16)
+        assert not torch.isnan(out).any()
+        assert (out.float() - expected).abs().max().item() < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("splits", [2, 3, 8])
 @pytest.mark.parametrize("group", [1, 4])
 def test_split_kv_decode_matches_the_reference(splits, group):
