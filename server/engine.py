@@ -8,6 +8,7 @@ finished sequences are released.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,11 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
+        self.num_added = 0
         self.eos_token_ids = set(cfg.eos_token_ids)
         self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and self.backend.fused_ops:
+            self.warm_up()  # compile and tune before the first request, not during it
         if config.decode_graphs:
             self.graphs = self._capture_graphs(num_blocks)
         log.info("engine: %d KV blocks x %d tokens, max %d seqs, %d batched tokens, attention=%s",
@@ -102,6 +106,7 @@ class LLMEngine:
             seq.text.push(seq.output_ids)
         self.seqs[request_id] = seq
         self.batcher.add(seq)
+        self.num_added += 1
 
     def abort(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
@@ -117,6 +122,43 @@ class LLMEngine:
             return []
         logits = self._run(batch)
         return self._postprocess(batch, logits)
+
+    def warm_up(self, context: int = 2048) -> None:
+        """One prefill chunk and two decode batches (split-KV and not) through the model on
+        scratch data: kernels compile, and the autotuner times them on reads of ``context`` keys.
+        Only blocks that are free are written (the prefill's K/V) or read, and free blocks'
+        contents are never read by a request before it writes them. Nothing is sampled."""
+        if self.num_added:
+            raise RuntimeError("warm_up() runs before the first request: it scribbles on free KV blocks")
+        started = time.perf_counter()
+        bs = self.config.block_size
+        context = max(2, min(context, self.max_model_len, self.blocks.num_blocks * bs))
+        blocks = list(range(-(-context // bs)))
+        chunk = min(context, self.config.max_num_batched_tokens)
+        seqs = self.config.max_num_seqs
+        pad_slot = self.blocks.num_blocks * bs  # the spare block no request owns
+        # (query_lens, context_lens, splits, slots): a prompt chunk writing blocks 0.., then decode
+        # rows with and without split-KV reading them, writing only the pad slot
+        shapes = [([chunk], [chunk], None, list(range(chunk))), ([1] * seqs, [context] * seqs, 1, [pad_slot] * seqs),
+                  ([1], [context], 4, [pad_slot])]
+        for query_lens, context_lens, splits, slots in shapes:
+            tokens = sum(query_lens)
+            meta = AttentionMetadata(query_lens, context_lens, [blocks] * len(query_lens),
+                                     torch.tensor(slots, dtype=torch.long, device=self.device), bs)
+            if self.backend.fused_ops:
+                from kernels.paged_attention import plan
+
+                cfg = self.cfg
+                meta._triton_plan = plan(query_lens, context_lens, meta.block_tables,
+                                         cfg.num_heads // cfg.num_kv_heads, self.device, num_splits=splits)
+            self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
+                       torch.tensor([c - q + i for q, c in zip(query_lens, context_lens) for i in range(q)],
+                                    dtype=torch.long, device=self.device),
+                       self.kv_caches, meta, self.backend,
+                       torch.tensor([tokens - 1], dtype=torch.long, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("engine warm-up (kernel compilation and tuning) took %.1f s", time.perf_counter() - started)
 
     # ---- internals ----
 

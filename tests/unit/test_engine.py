@@ -140,3 +140,22 @@ def test_decode_graph_buffers_give_the_eager_tokens():
 def test_decode_graphs_need_the_triton_backend():
     with pytest.raises(ValueError, match="triton"):
         engine(decode_graphs=True)
+
+
+def test_warm_up_leaves_the_engine_giving_the_same_tokens():
+    """What a CUDA engine runs at start (compile and tune), here through the kernels in the
+    interpreter: it writes only free blocks and the pad block, so requests after it are unchanged."""
+    pytest.importorskip("triton")
+    from server.attention import TritonAttention
+
+    requests = {f"w{i}": (TINY.tokenizer.encode(f"warm {i} " * (3 + 4 * i)),
+                          SamplingParams(max_tokens=5, ignore_eos=True, seed=i, temperature=0.6 * i))
+                for i in range(2)}
+    cold = run(engine(block_size=8), requests)
+    warmed = LLMEngine(TINY.model, TINY.config, TINY.tokenizer,
+                       EngineConfig(kv_cache_blocks=64, block_size=8, max_num_seqs=3), backend=TritonAttention())
+    warmed.warm_up(context=40)
+    assert any(cache.abs().sum() > 0 for cache in warmed.kv_caches)  # it did write the scratch blocks
+    assert run(warmed, requests) == cold
+    with pytest.raises(RuntimeError, match="before the first request"):
+        warmed.warm_up()
