@@ -51,13 +51,14 @@ def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off
         else:
             k = tl.load(Cache + kv_off[:, None] + d[None, :])
             v = tl.load(Cache + stride_ckv + kv_off[:, None] + d[None, :])
+        # scores in log2 units (scale carries log2(e)): exp2 is the GPU's native exponential
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
         if MASKED:
             s = tl.where(key_ok[None, :] & (keys[None, :] <= position[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
@@ -131,7 +132,8 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
 def _combine_kernel(Out, PartOut, PartM, PartL, qblock_seq, qblock_first, query_starts, num_splits,
                     stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
                     HEAD_DIM: tl.constexpr):
-    """Merge the split parts of one decode token (program id = its scratch row) for one head."""
+    """Merge the split parts of one decode token (program id = its scratch row) for one head; the
+    parts' maxima are in log2 units, as the attention kernel keeps them."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
     part_row = pid.to(tl.int64)
@@ -144,7 +146,7 @@ def _combine_kernel(Out, PartOut, PartM, PartL, qblock_seq, qblock_first, query_
     total = 0.0
     acc = tl.zeros([HEAD_DIM], tl.float32)
     for s in range(0, num_splits):
-        weight = tl.exp(tl.load(PartM + s * stride_ms + part_row * stride_mt + head) - m_safe)
+        weight = tl.exp2(tl.load(PartM + s * stride_ms + part_row * stride_mt + head) - m_safe)
         total += weight * tl.load(PartL + s * stride_ms + part_row * stride_mt + head)
         acc += weight * tl.load(PartOut + s * stride_ps + part_row * stride_pt + head * stride_ph + d)
     out = acc / tl.where(total == 0.0, 1.0, total)
@@ -155,6 +157,9 @@ def _combine_kernel(Out, PartOut, PartM, PartL, qblock_seq, qblock_first, query_
 # so the question is how many keys to keep in flight; prefill tiles are tall and compute-bound.
 DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2)]  # (BLOCK_N, warps, stages)
 PREFILL_CONFIGS = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 8, 4)]
+
+
+LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
 
 @functools.cache
@@ -292,7 +297,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
             part = part_m = part_l = out  # unused
             part_strides = (0, 0, 0, 0, 0)
         args = (q, kv_cache, out, part, part_m, part_l, attn_plan.block_tables, attn_plan.context_lens,
-                attn_plan.query_lens, attn_plan.query_starts, launch.qblock_seq, launch.qblock_first, scale,
+                attn_plan.query_lens, attn_plan.query_starts, launch.qblock_seq, launch.qblock_first,
+                scale * LOG2E,
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                 attn_plan.block_tables.stride(0), *part_strides, splits)
