@@ -288,9 +288,10 @@ def section_cluster() -> None:
         with ThreadPoolExecutor(12) as pool:
             return list(pool.map(lambda i: http_json(url + "/v1/completions", body(i), timeout=120)[1], range(12)))
 
-    with Cluster(1, args, scheduler_name="local") as alone:
+    # a node on CUDA compiles and tunes its kernels before it reports up (engine warm-up)
+    with Cluster(1, args, scheduler_name="local", start_timeout=300) as alone:
         reference = send(alone.nodes[0].url)
-    with Cluster(2, args) as cluster:
+    with Cluster(2, args, start_timeout=300) as cluster:
         shared = send(cluster.nodes[0].url)
     complete = all("choices" in r and len(r["choices"][0]["token_ids"]) == 64 for r in shared)  # type: ignore[index]
     stolen = sum(1 for r in shared if r.get("p2psched", {}).get("served_by") != "node0")  # type: ignore[union-attr]

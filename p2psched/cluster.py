@@ -83,7 +83,9 @@ class NodeProcess:
 
 class Cluster:
     def __init__(self, num_nodes: int, node_args: list[str] | None = None, topic: str = "default",
-                 scheduler_name: str = "global", log_dir: str | None = None, redis: EmbeddedRedis | None = None):
+                 scheduler_name: str = "global", log_dir: str | None = None, redis: EmbeddedRedis | None = None,
+                 start_timeout: float = 60.0):
+        self.start_timeout = start_timeout  # seconds for every node to be healthy (and see its peers)
         self.redis = redis or EmbeddedRedis()
         self._owns_redis = redis is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="p2psched-cluster-"))
@@ -140,7 +142,7 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         try:
-            return self.start()
+            return self.start(self.start_timeout)
         except BaseException:
             self.stop()
             raise
