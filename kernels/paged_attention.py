@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 
 @triton.jit
@@ -167,7 +168,11 @@ def _tuned(kind: str) -> Any:
     """The attention kernel wrapped in Triton's autotuner (CUDA only: tuning times launches)."""
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                for n, w, s in (DECODE_CONFIGS if kind == "decode" else PREFILL_CONFIGS)]
-    return triton.autotune(configs, key=["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM", "SPLIT"])(_attention_kernel)
+    def bench(kernel_call: Any, quantiles: Any) -> Any:  # 5 + 25 ms per candidate: start-up stays short
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+    return triton.autotune(configs, key=["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM", "SPLIT"],
+                           do_bench=bench)(_attention_kernel)
 
 
 _TUNED_KINDS: set[str] = set()  # kinds of launch that went through the autotuner

@@ -198,3 +198,13 @@ def test_silu_and_mul_matches_the_reference(dtype, n):
     assert (out.float() - silu_and_mul_reference(x).float()).abs().max().item() < TOL[dtype] * 4
     with pytest.raises(ValueError, match="2 \\* n"):
         silu_and_mul(x[:, :-1])
+
+
+def test_the_cuda_autotuners_build_with_their_candidates():
+    """Built here, run only on CUDA: a broken tuner definition must fail in CI, not on the GPU."""
+    from kernels.paged_attention import DECODE_CONFIGS, PREFILL_CONFIGS, _tuned
+
+    for kind, candidates in (("decode", DECODE_CONFIGS), ("prefill", PREFILL_CONFIGS)):
+        tuner = _tuned(kind)
+        assert [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuner.configs] == candidates
+        assert tuner.keys == ["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM", "SPLIT"]
