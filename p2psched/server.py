@@ -18,6 +18,8 @@ from .errors import ConfigError
 from .node import Node
 from .sim_engine import SimEngine, SimTokenizer
 
+log = logging.getLogger(__name__)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m p2psched.server",
@@ -126,6 +128,20 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                       scheduler=scheduler, sim=sim)
 
 
+def attention_backend_for(requested: str, device: str, head_dim: int, cuda_graphs: bool) -> str:
+    """``triton`` or ``torch`` for this device and model. The kernels serve head dims that are
+    powers of two >= 16: ``auto`` falls back to torch (logged) for others, ``triton`` refuses."""
+    chosen = ("triton" if device.startswith("cuda") else "torch") if requested == "auto" else requested
+    if chosen == "triton" and (head_dim & (head_dim - 1) or head_dim < 16):
+        if requested == "triton" or cuda_graphs:
+            raise ConfigError(f"the Triton kernels (needed by --attention-backend triton and --cuda-graphs) serve "
+                              f"head dims that are powers of two >= 16; this model's is {head_dim}")
+        log.warning("head dim %d is not one the Triton kernels serve: attention runs through the torch backend",
+                    head_dim)
+        return "torch"
+    return chosen
+
+
 def build_node(config: NodeConfig) -> Node:
     """Raises ``ConfigError`` or ``server.errors.ModelLoadError`` with a one-line reason."""
     from server.chat_template import ChatTemplate
@@ -154,10 +170,11 @@ def build_node(config: NodeConfig) -> Node:
     if config.attention_backend == "triton" and not device.startswith("cuda"):
         raise ConfigError("--attention-backend triton needs a CUDA device (CI checks the kernels with "
                           "TRITON_INTERPRET=1 in tests)")
-    backend = make_backend(config.attention_backend, torch.device(device))
-    if config.cuda_graphs and not (device.startswith("cuda") and backend.fused_ops):
+    if config.cuda_graphs and (not device.startswith("cuda") or config.attention_backend == "torch"):
         raise ConfigError("--cuda-graphs needs a CUDA device and the triton attention backend")
     loaded = load(config.model_name, config.dtype, device)
+    backend = make_backend(attention_backend_for(config.attention_backend, device, loaded.config.head_dim,
+                                                 config.cuda_graphs), torch.device(device))
     engine = RealEngine(loaded, EngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         block_size=config.block_size, kv_cache_blocks=config.kv_cache_blocks, max_model_len=config.max_model_len,

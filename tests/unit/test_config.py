@@ -57,3 +57,22 @@ def test_cli_errors_are_exactly_one_line():
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--port" in proc.stderr
+
+
+@pytest.mark.parametrize("requested, device, head_dim, graphs, expected", [
+    ("auto", "cpu", 64, False, "torch"),
+    ("auto", "cuda", 64, False, "triton"),
+    ("auto", "cuda:1", 128, True, "triton"),
+    ("auto", "cuda", 96, False, "torch"),  # not a power of two: the reference serves it
+    ("torch", "cuda", 64, False, "torch"),
+    ("triton", "cuda", 96, False, ConfigError),
+    ("auto", "cuda", 80, True, ConfigError),  # graphs need the kernels
+])
+def test_the_attention_backend_follows_device_and_head_dim(requested, device, head_dim, graphs, expected):
+    from p2psched.server import attention_backend_for
+
+    if expected is ConfigError:
+        with pytest.raises(ConfigError, match=f"this model's is {head_dim}"):
+            attention_backend_for(requested, device, head_dim, graphs)
+    else:
+        assert attention_backend_for(requested, device, head_dim, graphs) == expected
