@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     bandwidth = copy_bandwidth()
     row("machine", "device-to-device copy (read + write)", f"{bandwidth / 1e9:.0f} GB/s", name)
-    for title, fn in (("tests", section_tests), ("correct", section_correctness), ("speed", lambda: section_kernel_speed(bandwidth)),
+    for title, fn in (("tests", section_tests), ("correct", section_correctness),
+                      ("speed", lambda: section_kernel_speed(bandwidth)),
                       ("engine", lambda: section_engine(bandwidth)), ("cluster", section_cluster)):
         t0 = time.perf_counter()
         try:

@@ -168,6 +168,7 @@ def _tuned(kind: str) -> Any:
     """The attention kernel wrapped in Triton's autotuner (CUDA only: tuning times launches)."""
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                for n, w, s in (DECODE_CONFIGS if kind == "decode" else PREFILL_CONFIGS)]
+
     def bench(kernel_call: Any, quantiles: Any) -> Any:  # 5 + 25 ms per candidate: start-up stays short
         return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
@@ -233,6 +234,8 @@ def plan(query_lens: list[int], context_lens: list[int], block_tables: list[list
         raise ValueError("query_lens, context_lens and block_tables must be non-empty and of one length")
     if any(q < 1 or q > c for q, c in zip(query_lens, context_lens)):
         raise ValueError("each sequence needs 1 <= query_len <= context_len")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     block_m = block_m or (128 if device.type == "cuda" else 64)
     decode = [i for i, q in enumerate(query_lens) if q == 1]
     prefill_q = max(1, block_m // group)
@@ -308,12 +311,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                 attn_plan.block_tables.stride(0), *part_strides, splits)
-        meta = dict(GROUP=group, BLOCK_Q=launch.block_q, BLOCK_M=max(16, triton.next_power_of_2(launch.block_q * group)),
-                    BLOCK_SIZE=block_size, HEAD_DIM=head_dim, SPLIT=splits > 1,
-                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (no TF32)
+        block_m = max(16, triton.next_power_of_2(launch.block_q * group))  # tl.dot needs >= 16 rows
+        meta = dict(GROUP=group, BLOCK_Q=launch.block_q, BLOCK_M=block_m, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+                    SPLIT=splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: no TF32
         grid = (launch.programs, kv_heads, splits)
         if tune:
-            key = (launch.kind, group, meta["BLOCK_M"], block_size, head_dim, splits > 1, q.dtype)
+            key = (launch.kind, group, block_m, block_size, head_dim, splits > 1, q.dtype)
             picked = _PICKED.get(key)
             if picked is None:  # first time: the autotuner times its candidates, then launches the best
                 _TUNED_KINDS.add(launch.kind)
