@@ -5,7 +5,7 @@ dozen launches of a few microseconds each. A CUDA graph records the whole forwar
 and replays it with one launch. Graphs replay fixed shapes and fixed addresses, so each batch
 size bucket (1, 2, 4, ... up to ``max_num_seqs``) owns static input tensors: token ids,
 positions, KV slots, context lengths and a block table as wide as the longest context. A step
-copies its values into the bucket's inputs (two host-to-device copies), pads the unused rows
+copies its values into the bucket's inputs (three host-to-device copies), pads the unused rows
 (token 0 at position 0, context 1, K/V written to the cache's spare pad block), replays, and
 reads the first rows of the logits. Context lengths are read by the kernels from the device,
 so one graph serves every length; the split count of the decode launch is fixed per bucket,
