@@ -176,13 +176,13 @@ def _tuned(kind: str) -> Any:
                            do_bench=bench)(_attention_kernel)
 
 
-_TUNED_KINDS: set[str] = set()  # kinds of launch that went through the autotuner
 _PICKED: dict[tuple[Any, ...], Any] = {}  # (kind, group, tile rows, block size, head dim, split, dtype) -> Config
 
 
 def tuned_configs() -> dict[str, dict[str, str]]:
     """What the autotuner chose so far, per kind of launch and key (for ``make gpu-check``)."""
-    return {kind: {str(key): str(cfg) for key, cfg in _tuned(kind).cache.items()} for kind in sorted(_TUNED_KINDS)}
+    return {kind: {str(key): str(cfg) for key, cfg in _tuned(kind).cache.items()}
+            for kind in sorted({key[0] for key in _PICKED})}
 
 
 @dataclass
@@ -319,7 +319,6 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
             key = (launch.kind, group, block_m, block_size, head_dim, splits > 1, q.dtype)
             picked = _PICKED.get(key)
             if picked is None:  # first time: the autotuner times its candidates, then launches the best
-                _TUNED_KINDS.add(launch.kind)
                 tuner = _tuned(launch.kind)
                 tuner[grid](*args, **meta)
                 _PICKED[key] = tuner.best_config

@@ -130,6 +130,9 @@ class LLMEngine:
         contents are never read by a request before it writes them. Nothing is sampled."""
         if self.num_added:
             raise RuntimeError("warm_up() runs before the first request: it scribbles on free KV blocks")
+        if self.backend.fused_ops:
+            from kernels.paged_attention import plan  # needs triton: only with the Triton backend
+
         started = time.perf_counter()
         bs = self.config.block_size
         context = max(2, min(context, self.max_model_len, self.blocks.num_blocks * bs))
@@ -145,12 +148,9 @@ class LLMEngine:
             tokens = sum(query_lens)
             meta = AttentionMetadata(query_lens, context_lens, [blocks] * len(query_lens),
                                      torch.tensor(slots, dtype=torch.long, device=self.device), bs)
-            if self.backend.fused_ops:
-                from kernels.paged_attention import plan
-
-                cfg = self.cfg
+            if self.backend.fused_ops:  # the Triton plan, with the split count forced
                 meta._triton_plan = plan(query_lens, context_lens, meta.block_tables,
-                                         cfg.num_heads // cfg.num_kv_heads, self.device, num_splits=splits)
+                                         self.cfg.num_heads // self.cfg.num_kv_heads, self.device, num_splits=splits)
             self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
                        torch.tensor([c - q + i for q, c in zip(query_lens, context_lens) for i in range(q)],
                                     dtype=torch.long, device=self.device),
