@@ -29,7 +29,13 @@ class SchedulerConfig:
     host: str = "127.0.0.1"  # Redis host
     port: int = 6379  # Redis port
     db: int = 0
+    username: str = ""  # Redis ACL user ("" = the default user)
     password: str = ""
+    password_file: str = ""  # read the password from this file (first line) instead of the command line
+    tls: bool = False  # rediss://: TLS to Redis
+    tls_ca_file: str = ""  # CA bundle that signed Redis's certificate ("" = the system's)
+    tls_cert_file: str = ""  # client certificate, for Redis configured with tls-auth-clients
+    tls_key_file: str = ""
     topic: str = "default"  # namespace: only nodes with the same topic steal from each other
     ttl: float = 900.0  # longest a request may wait or stay leased before its client gets an error
     min_load_score: int = 3  # a peer is a victim only with at least this many pending requests
@@ -44,6 +50,10 @@ class SchedulerConfig:
         _check(bool(self.host), "scheduler host must not be empty")
         _check_port("scheduler port", self.port, allow_zero=False)
         _check(0 <= self.db <= 65535, f"scheduler db must be >= 0, got {self.db}")
+        _check(not (self.password and self.password_file), "give the Redis password or a password file, not both")
+        _check(bool(self.tls_cert_file) == bool(self.tls_key_file),
+               "a Redis TLS client certificate needs its key (and the other way round)")
+        _check(self.tls or not (self.tls_ca_file or self.tls_cert_file), "Redis TLS files need --scheduler-tls")
         _check(bool(self.topic) and len(self.topic) <= 128, "scheduler topic must be 1..128 characters")
         _check(not any(c in self.topic for c in "{}: \t\n"), "scheduler topic must not contain '{', '}', ':' or whitespace")
         _check(self.ttl > 0, f"scheduler ttl must be > 0 seconds, got {self.ttl}")
@@ -98,6 +108,11 @@ class NodeConfig:
     max_concurrent_requests: int = 0  # in-flight HTTP requests before 429; 0 = no limit
     steal_port: int = 0  # 0 = an ephemeral port
     result_port: int = 0
+    # Ports peers dial, when they differ from the bound ones (NAT, port mapping, a proxy); 0 = bound port.
+    advertise_steal_port: int = 0
+    advertise_result_port: int = 0
+    curve_key_file: str = ""  # CurveZMQ secret key file (python -m p2psched.keys); "" = no encryption/auth
+    curve_allow_dir: str = ""  # directory of peer public key files allowed to connect (needs curve_key_file)
     node_name: str = ""
     engine: Literal["real", "sim"] = "real"
     model: str = ""  # preset name or Hugging Face directory; "" = "tiny" (real) or "sim"
@@ -126,6 +141,10 @@ class NodeConfig:
         _check(self.max_concurrent_requests >= 0, "max concurrent requests must be >= 0 (0 = no limit)")
         _check_port("steal port", self.steal_port)
         _check_port("result port", self.result_port)
+        _check_port("advertised steal port", self.advertise_steal_port)
+        _check_port("advertised result port", self.advertise_result_port)
+        _check(bool(self.curve_key_file) == bool(self.curve_allow_dir),
+               "CurveZMQ needs both a key file and an allow-list directory")
         _check(self.engine in ("real", "sim"), f"engine must be 'real' or 'sim', got {self.engine!r}")
         _check(1 <= self.max_num_seqs <= 4096, f"max num seqs must be in 1..4096, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens >= 1, "max num batched tokens must be >= 1")

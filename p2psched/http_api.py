@@ -11,7 +11,8 @@
 Errors use OpenAI's error object with 400 (bad value), 404 (unknown model or route), 413 (body
 too large), 422 (not the expected shape: missing field, wrong type), 429 (too many concurrent
 requests on this node), 503 (queue full or shutting down; both with ``Retry-After``). Every
-response body and the last stream chunk carry {"p2psched": {"origin", "served_by", "attempts"}}.
+response body and the last stream chunk carry {"p2psched": {"origin", "served_by", "attempts"}}; so does
+every stream chunk whose tokens came from another node than the chunk before (a steal or a resume).
 A client that disconnects cancels its request wherever it runs.
 """
 
@@ -314,6 +315,7 @@ class HttpServer:
         text = self.node.text_stream(job.stop)
         include_usage = job.req.stream_options is not None and job.req.stream_options.include_usage
         first = True
+        served_by = ""
 
         async def send(payload: dict[str, Any]) -> None:
             await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
@@ -330,8 +332,10 @@ class HttpServer:
             chunk: dict[str, Any] = {**envelope, "choices": [
                 self._choice(job, delta, event.token_ids, event.finish_reason, chunk=True, first=first)]}
             first = False
+            if event.finish_reason is not None or event.served_by != served_by:
+                chunk["p2psched"] = self._p2p(event)  # on the last chunk, and whenever the server changes
+                served_by = event.served_by
             if event.finish_reason is not None:
-                chunk["p2psched"] = self._p2p(event)
                 await send(chunk)
                 if include_usage:
                     await send({**envelope, "choices": [], "usage": self._usage(job)})

@@ -70,6 +70,11 @@ class _NodeCollector:
         yield gauge("p2psched_queue_length", "Pending (not started) requests", load["pending"])
         yield gauge("p2psched_running_sequences", "Sequences in the engine", load["running"])
         yield gauge("p2psched_load_score", "Load score published to the registry", load["pending"])
+        yield gauge("p2psched_requests_in_flight", "Client requests accepted and not yet answered", node.num_in_flight)
+        yield gauge("p2psched_leases_held", "Own requests leased to thieves now", len(node.scheduler.leases))
+        yield gauge("p2psched_stolen_in_active", "Tasks of other origins held here now", len(node.scheduler.remote))
+        yield gauge("p2psched_scheduler_requests", "Requests the scheduler tracks (own and stolen-in)",
+                    len(node.scheduler.requests))
         limits = node.engine.limits
         yield gauge("p2psched_kv_reserved_ratio", "KV capacity reserved by admitted requests",
                     1 - load["free_kv_tokens"] / max(1, limits.max_kv_tokens))

@@ -126,6 +126,11 @@ class Node:
     def done(self, request_id: str) -> None:
         self._handles.pop(request_id, None)
 
+    @property
+    def num_in_flight(self) -> int:
+        """Client requests accepted and not yet answered."""
+        return len(self._handles)
+
     def snapshot(self) -> dict[str, object]:
         return {
             "node_id": self.node_id, "name": self.name, "model_id": self.engine.model_id,
@@ -147,8 +152,8 @@ class Node:
         host = cfg.host
         steal_port = bind(self._steal_sock, host, cfg.steal_port)
         result_port = bind(self._result_sock, host, cfg.result_port)
-        self.steal_endpoint = f"tcp://{cfg.public_host}:{steal_port}"
-        self.result_endpoint = f"tcp://{cfg.public_host}:{result_port}"
+        self.steal_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_steal_port or steal_port}"
+        self.result_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_result_port or result_port}"
         self._runner = EngineRunner(self.engine, loop, self._on_engine_outputs, cfg.min_step_ms / 1000)
         self._runner.start()
         for sig in (signal.SIGTERM, signal.SIGINT):

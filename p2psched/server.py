@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="in-flight HTTP requests before new ones get 429 (default 0: no limit)")
     node.add_argument("--steal-port", type=int, default=d.steal_port, help="ZeroMQ steal port (0 = any free)")
     node.add_argument("--result-port", type=int, default=d.result_port, help="ZeroMQ result port (0 = any free)")
+    node.add_argument("--advertise-steal-port", type=int, default=d.advertise_steal_port,
+                      help="steal port peers dial, if it differs from the bound one (NAT, a proxy; default: bound)")
+    node.add_argument("--advertise-result-port", type=int, default=d.advertise_result_port,
+                      help="result port peers dial, if it differs from the bound one (default: bound)")
+    node.add_argument("--curve-key-file", default=d.curve_key_file,
+                      help="CurveZMQ secret key file (python -m p2psched.keys writes one): encrypt and "
+                           "authenticate every ZeroMQ connection; needs --curve-allow-dir")
+    node.add_argument("--curve-allow-dir", default=d.curve_allow_dir,
+                      help="directory of public key files of the peers allowed to connect")
     node.add_argument("--node-name", default=d.node_name, help="name shown in the registry and responses")
     eng = p.add_argument_group("engine")
     eng.add_argument("--engine", choices=["real", "sim"], default=d.engine,
@@ -79,7 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--scheduler-host", default=s.host, help="Redis host (default %(default)s)")
     sched.add_argument("--scheduler-port", type=int, default=s.port, help="Redis port (default %(default)s)")
     sched.add_argument("--scheduler-db", type=int, default=s.db, help="Redis database (default %(default)s)")
+    sched.add_argument("--scheduler-username", default=s.username, help="Redis ACL user (default: the default user)")
     sched.add_argument("--scheduler-password", default=s.password, help="Redis password (default none)")
+    sched.add_argument("--scheduler-password-file", default=s.password_file,
+                       help="read the Redis password from this file instead (keeps it out of ps)")
+    sched.add_argument("--scheduler-tls", action="store_true", default=s.tls, help="connect to Redis over TLS")
+    sched.add_argument("--scheduler-tls-ca-file", default=s.tls_ca_file,
+                       help="CA certificate(s) that signed Redis's certificate (default: the system's)")
+    sched.add_argument("--scheduler-tls-cert-file", default=s.tls_cert_file,
+                       help="client certificate for Redis (tls-auth-clients)")
+    sched.add_argument("--scheduler-tls-key-file", default=s.tls_key_file, help="the client certificate's key")
     sched.add_argument("--scheduler-topic", default=s.topic,
                        help="namespace; only nodes with the same topic steal from each other (default %(default)s)")
     sched.add_argument("--scheduler-ttl", type=float, default=s.ttl,
@@ -108,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     scheduler = SchedulerConfig(
         name=args.scheduler_name, host=args.scheduler_host, port=args.scheduler_port, db=args.scheduler_db,
-        password=args.scheduler_password, topic=args.scheduler_topic, ttl=args.scheduler_ttl,
+        username=args.scheduler_username, password=args.scheduler_password,
+        password_file=args.scheduler_password_file, tls=args.scheduler_tls, tls_ca_file=args.scheduler_tls_ca_file,
+        tls_cert_file=args.scheduler_tls_cert_file, tls_key_file=args.scheduler_tls_key_file, topic=args.scheduler_topic, ttl=args.scheduler_ttl,
         min_load_score=args.scheduler_min_load_score, load_shards_num=args.scheduler_load_shards_num,
         heartbeat_interval=args.heartbeat_interval, lease_timeout=args.lease_timeout,
         steal_timeout=args.steal_timeout)
@@ -117,7 +137,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
                           max_model_len=args.sim_max_model_len)
     return NodeConfig(host=args.host, advertise_host=args.advertise_host, port=args.port,
                       metrics_port=args.metrics_port, max_concurrent_requests=args.max_concurrent_requests,
-                      steal_port=args.steal_port, result_port=args.result_port, node_name=args.node_name,
+                      steal_port=args.steal_port, result_port=args.result_port,
+                      advertise_steal_port=args.advertise_steal_port, advertise_result_port=args.advertise_result_port,
+                      curve_key_file=args.curve_key_file, curve_allow_dir=args.curve_allow_dir, node_name=args.node_name,
                       engine=args.engine, model=args.model, device=args.device, dtype=args.dtype,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_blocks=args.kv_cache_blocks, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
