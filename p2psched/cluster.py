@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +44,7 @@ class NodeProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None  # working directory of the process (``-m`` imports from it first)
 
     @property
     def url(self) -> str:
@@ -52,7 +54,43 @@ class NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "p2psched.server", *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+                                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self) -> None:
+        """Start again with the same arguments and ports (the new process gets a new node id);
+        a live process is killed first. The log file is appended to."""
+        self.kill()
+        self.start()
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Until /health answers 200; RuntimeError if the process exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while not self.is_healthy():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not healthy within {timeout}s:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process freezes with its sockets open (a hung, not a dead, node)."""
+        if self.is_alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause``."""
+        if self.is_alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)
 
     def stats(self) -> dict[str, Any]:
         _, payload = http_json(self.url + "/stats", timeout=5)
@@ -82,9 +120,18 @@ class NodeProcess:
 
 
 class Cluster:
+    """``node_args`` go to every node; ``per_node_args[i]``, when given, to node i only (after them),
+    e.g. fixed ZeroMQ ports so a node restarted with ``restart_node`` comes back where peers dial.
+    ``http_ports`` fixes the HTTP ports (default: free ports, picked once)."""
+
     def __init__(self, num_nodes: int, node_args: list[str] | None = None, topic: str = "default",
                  scheduler_name: str = "global", log_dir: str | None = None, redis: EmbeddedRedis | None = None,
-                 start_timeout: float = 60.0):
+                 start_timeout: float = 60.0, per_node_args: Sequence[Sequence[str]] | None = None,
+                 http_ports: Sequence[int] | None = None):
+        if per_node_args is not None and len(per_node_args) != num_nodes:
+            raise ValueError(f"per_node_args has {len(per_node_args)} entries for {num_nodes} nodes")
+        if http_ports is not None and len(http_ports) != num_nodes:
+            raise ValueError(f"http_ports has {len(http_ports)} entries for {num_nodes} nodes")
         self.start_timeout = start_timeout  # seconds for every node to be healthy (and see its peers)
         self.redis = redis or EmbeddedRedis()
         self._owns_redis = redis is None
@@ -93,10 +140,11 @@ class Cluster:
         self.nodes: list[NodeProcess] = []
         for i in range(num_nodes):
             name = f"node{i}"
-            port = free_port()
+            port = http_ports[i] if http_ports is not None else free_port()
             args = ["--port", str(port), "--node-name", name, "--scheduler-name", scheduler_name,
                     "--scheduler-host", self.redis.host, "--scheduler-port", str(self.redis.port),
-                    "--scheduler-topic", topic, *(node_args or [])]
+                    "--scheduler-topic", topic, *(node_args or []),
+                    *(per_node_args[i] if per_node_args is not None else [])]
             self.nodes.append(NodeProcess(name, port, args, self.log_dir / f"{name}.log"))
         self._scheduler_name = scheduler_name
 
@@ -127,9 +175,18 @@ class Cluster:
                     raise RuntimeError(f"{node.name} did not discover its peers within {timeout}s")
                 time.sleep(0.05)
 
+    def restart_node(self, index: int, timeout: float = 60.0) -> NodeProcess:
+        """Kill node ``index`` if it runs, start it again (same ports and name, a new node id) and
+        wait until it answers /health. It does not wait for peers: Redis may be away."""
+        node = self.nodes[index]
+        node.restart()
+        node.wait_healthy(timeout)
+        return node
+
     def stop(self) -> None:
         for node in self.nodes:
             if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)  # a paused node could not act on SIGTERM
                 node.proc.send_signal(signal.SIGTERM)
         for node in self.nodes:
             if node.proc is not None:

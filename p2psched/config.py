@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import ConfigError
+from .protocol import MAX_CONTEXT_TOKENS
 
 
 def _check(condition: bool, message: str) -> None:
@@ -91,7 +92,7 @@ class SimEngineConfig:
 
     def __post_init__(self) -> None:
         _check(2 <= self.vocab_size <= 1 << 24, "sim vocab size must be in 2..16M")
-        _check(self.max_model_len >= 2, "sim max model len must be >= 2")
+        _check(2 <= self.max_model_len <= MAX_CONTEXT_TOKENS, f"sim max model len must be in 2..{MAX_CONTEXT_TOKENS}")
         for name in ("prefill_ms_per_token", "decode_step_ms", "decode_ms_per_seq", "decode_ms_per_kilotoken"):
             _check(getattr(self, name) >= 0, f"sim {name.replace('_', ' ')} must be >= 0")
         _check(self.kv_tokens >= self.max_model_len, "sim kv tokens must hold at least one full-length request")
@@ -151,7 +152,8 @@ class NodeConfig:
         _check(self.kv_cache_blocks >= 0, "kv cache blocks must be >= 0 (0 = size from memory)")
         _check(0 < self.kv_cache_memory_fraction <= 0.95, "kv cache memory fraction must be in (0, 0.95]")
         _check(self.block_size in (8, 16, 32, 64, 128), "block size must be 8, 16, 32, 64 or 128")
-        _check(self.max_model_len >= 0, "max model len must be >= 0 (0 = the model's own)")
+        _check(0 <= self.max_model_len <= MAX_CONTEXT_TOKENS,
+               f"max model len must be in 0..{MAX_CONTEXT_TOKENS} (0 = the model's own)")
         _check(self.cpu_threads >= 0, "cpu threads must be >= 0 (0 = torch's default)")
         _check(self.attention_backend in ("auto", "triton", "torch"),
                f"attention backend must be auto, triton or torch, got {self.attention_backend!r}")
@@ -161,7 +163,7 @@ class NodeConfig:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _check(self.max_queue_len >= 1, "max queue len must be >= 1")
-        _check(self.max_tokens_cap >= 1, "max tokens cap must be >= 1")
+        _check(1 <= self.max_tokens_cap <= MAX_CONTEXT_TOKENS, f"max tokens cap must be in 1..{MAX_CONTEXT_TOKENS}")
         _check(len(self.node_name) <= 128, "node name must be at most 128 characters")
 
     @property

@@ -13,11 +13,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .protocol import FinishReason, Sampling
+from .errors import ConfigError
+from .protocol import MAX_CONTEXT_TOKENS, FinishReason, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,34 @@ class EngineLimits:
     # of max_tokens (an engine that preempts on overflow can afford to overcommit).
     reserve_output_tokens: int | None = None
     supports_stop_strings: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_model_len <= MAX_CONTEXT_TOKENS:
+            raise ConfigError(f"max model len must be in 1..{MAX_CONTEXT_TOKENS} (the protocol's limit), "
+                              f"got {self.max_model_len}")
+
+    def refusal(self, prompt_token_ids: list[int], sampling: Sampling) -> Refusal | None:
+        """Why this engine cannot run the request, or None. The origin's HTTP layer answers 400
+        with it; a thief hands the task back to its origin with it."""
+        context = len(prompt_token_ids) + sampling.max_tokens
+        if context > self.max_model_len:
+            return Refusal(f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                           f"exceed the context length {self.max_model_len}", "prompt", "context_length_exceeded")
+        if context > self.max_kv_tokens:
+            return Refusal(f"prompt plus max_tokens ({context}) exceed this server's KV capacity "
+                           f"({self.max_kv_tokens} tokens)", "max_tokens", "context_length_exceeded")
+        if prompt_token_ids and max(prompt_token_ids) >= self.vocab_size:
+            return Refusal(f"prompt token ids must be below the vocabulary size {self.vocab_size}", "prompt")
+        if sampling.stop and not self.supports_stop_strings:
+            return Refusal("stop strings are not supported by this engine; use stop_token_ids", "stop")
+        return None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    message: str
+    param: str
+    code: str = "invalid_request_error"
 
 
 @dataclass(frozen=True)
@@ -100,6 +130,7 @@ class EngineRunner:
         self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | str | None]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._failure: BaseException | None = None
+        self._step_started_at: float | None = None  # monotonic, while a step runs (written by the engine thread)
         self.stopped = asyncio.Event()
 
     def start(self) -> None:
@@ -117,6 +148,12 @@ class EngineRunner:
     @property
     def failure(self) -> BaseException | None:
         return self._failure
+
+    def busy_for(self) -> float:
+        """Seconds the current step has been running; 0 between steps. A step far longer than
+        any normal one means the engine is stuck: its heartbeats must stop vouching for it."""
+        started = self._step_started_at
+        return 0.0 if started is None else time.monotonic() - started
 
     def _drain(self, block: bool) -> bool:
         """Apply inbox commands; return False once asked to stop."""
@@ -136,15 +173,15 @@ class EngineRunner:
                 return False
 
     def _run(self) -> None:
-        import time
-
         try:
             while self._drain(block=not self._engine.has_work()):
                 if not self._engine.has_work():
                     continue
+                self._step_started_at = time.monotonic()
                 started = time.perf_counter()
                 outputs = self._engine.step()
                 busy_s = time.perf_counter() - started
+                self._step_started_at = None
                 if busy_s < self._min_step_s:
                     time.sleep(self._min_step_s - busy_s)
                     busy_s = self._min_step_s

@@ -20,10 +20,12 @@ class RegistryUnavailable(P2PSchedError):
 class RequestRejected(P2PSchedError):
     """A request cannot be accepted (bad parameters, node draining, queue full)."""
 
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_request_error"):
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request_error",
+                 param: str | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.param = param
 
 
 class RequestFailed(P2PSchedError):

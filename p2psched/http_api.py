@@ -120,6 +120,8 @@ class HttpServer:
             return web.json_response({"status": "draining", "node": self.node.name}, status=503)
         if not self.node.ready.is_set():
             return web.json_response({"status": "starting", "node": self.node.name}, status=503)
+        if self.node.is_engine_stalled:  # a load balancer's health check should route around it
+            return web.json_response({"status": "engine_stalled", "node": self.node.name}, status=503)
         return web.json_response({"status": "ok", "node": self.node.name})
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -196,11 +198,6 @@ class HttpServer:
                                                f"{node.config.model_name!r}", param="model", code="model_not_found"))
         limits = node.engine.limits
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if stop and not limits.supports_stop_strings:
-            raise Rejected(error_response(400, "stop strings are not supported by the simulated engine; "
-                                               "use stop_token_ids", param="stop"))
-        if len(stop) > 16 or any(not s or len(s) > 256 for s in stop):
-            raise Rejected(error_response(400, "stop: at most 16 strings of 1..256 characters", param="stop"))
         if isinstance(req, ChatRequest):
             try:
                 prompt_text = node.chat_template([m.as_template_input() for m in req.messages])
@@ -216,28 +213,23 @@ class HttpServer:
             param = "prompt"
         if not prompt_ids:
             raise Rejected(error_response(400, "prompt must not be empty", param=param))
-        if max(prompt_ids) >= limits.vocab_size:
-            raise Rejected(error_response(400, f"prompt token ids must be below the vocabulary size "
-                                               f"{limits.vocab_size}", param=param))
         cap = node.config.max_tokens_cap
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_TOKENS if kind == "completion" else \
                 max(1, min(cap, limits.max_model_len - len(prompt_ids)))
         if max_tokens > cap:
             raise Rejected(error_response(400, f"max_tokens must be at most {cap}", param="max_tokens"))
-        if len(prompt_ids) + max_tokens > limits.max_model_len:
-            raise Rejected(error_response(400, f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) "
-                                               f"exceed the context length {limits.max_model_len}",
-                                          param=param, code="context_length_exceeded"))
         sampling = Sampling(max_tokens=max_tokens, seed=req.seed if req.seed is not None else random.getrandbits(63),
                             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                             ignore_eos=req.ignore_eos, stop_token_ids=list(req.stop_token_ids or []), stop=stop)
         try:
-            handle = node.submit(prompt_ids, sampling)
+            handle = node.submit(prompt_ids, sampling)  # the engine's own limits: scheduler.submit
         except RequestRejected as exc:
             headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+            param_name = param if exc.param == "prompt" else exc.param
             raise Rejected(error_response(exc.status, str(exc), "server_error" if exc.status >= 500 else
-                                          "invalid_request_error", code=exc.code, headers=headers)) from None
+                                          "invalid_request_error", param=param_name, code=exc.code,
+                                          headers=headers)) from None
         return Job(kind, req, prompt_ids, stop, handle)
 
     # ---- responses ----

@@ -1,21 +1,30 @@
 """The async node: runs the scheduler's decisions over sockets, Redis and the engine thread.
 
-One event loop owns every socket. Every long-lived loop is a child of one ``asyncio.TaskGroup``
-in ``Node.run``:
+One event loop owns every socket. ``open()`` binds them all (a port in use or a bad address is
+a ``ConfigError``: one line and exit 2) before anything runs; then every long-lived loop is a
+child of one ``asyncio.TaskGroup`` in ``Node.run``:
 
-    steal server    ROUTER: Steal -> Grant (idempotent by steal id)
-    result server   ROUTER: Tokens / Heartbeat from thieves -> Ack / HeartbeatAck / Cancel
-    peer readers    one per peer link (``peers.py``): grants and origin replies
-    ticker          leases, deadlines, heartbeats, retransmits
+    steal server    ROUTER: Steal -> Grant (idempotent by steal id), Probe -> LoadReport
+    result server   ROUTER: Tokens / Heartbeat / Handback from thieves -> Ack / HeartbeatAck / Cancel
+    peer readers    one per peer link (``peers.py``): grants, load reports and origin replies
+    ticker          leases, deadlines, heartbeats (only while the engine makes progress), retransmits
     registry        heartbeat our record, refresh the peer table (last-known when Redis is down)
-    stealer         woken when this node runs out of queued work, plus a periodic re-check
+    stealer         woken when this node runs out of queued work, plus a periodic re-check;
+                    backs off from victims with nothing to give; probes peers while Redis is down
     http            the OpenAI-compatible surface (``http_api.py``)
-    shutdown        SIGTERM: drain, deregister, exit 0
+    shutdown        SIGTERM: hand back unstarted stolen tasks, drain, deregister, exit 0
+
+Each loop handles one input at a time inside ``Containment.guard``: bad input from a client, a
+peer or Redis is counted and logged, and the loop goes on (``containment.py``). Who may send
+what: a Steal, Probe, Tokens, Heartbeat or Handback must come from the connection of the node
+id it names (its ZeroMQ routing id, and with CurveZMQ the public key that node published);
+steals are served only to registered peers of the same topic and model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import signal
@@ -29,23 +38,40 @@ import zmq.asyncio
 
 from . import PROTOCOL_VERSION
 from .config import NodeConfig
+from .containment import Containment, OncePerMinute
 from .engine import ChatTemplateFn, Engine, EngineOutput, EngineRunner, TextStreamFactory, Tokenizer
-from .errors import RegistryUnavailable, RequestRejected
+from .errors import ConfigError, ProtocolError, RegistryUnavailable, RequestRejected
 from .peers import PeerLinks
-from .policy import PeerLoad, choose_victims
-from .protocol import Ack, Cancel, Grant, Heartbeat, HeartbeatAck, Sampling, Steal, Tokens, encode
+from .policy import PeerLoad, StealBackoff, choose_victims
+from .protocol import (
+    Ack,
+    Cancel,
+    Grant,
+    Handback,
+    Heartbeat,
+    HeartbeatAck,
+    LoadReport,
+    Message,
+    Probe,
+    Sampling,
+    Steal,
+    Tokens,
+    encode,
+)
 from .registry import NodeRecord, Registry
 from .request import Request
 from .scheduler import ClientEvent, Effects, Scheduler, SchedulerParams
+from .security import CurveKeys, warn_if_open
 from .stats import Stats
-from .transport import DropLog, bind, make_socket, send_now
+from .transport import DropLog, Sender, bind, make_socket
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
 PUBLISH_MIN_GAP_S = 0.05  # load changes reach Redis at most this often (and every heartbeat)
-PEER_REFRESH_MIN_GAP_S = 0.1  # an idle node re-reads the registry at most this often
+PEER_REFRESH_MIN_GAP_S = 0.1  # an idle node with no victim re-reads the registry at most this often...
 GRANT_CACHE = 1024
+KNOWN_KEYS = 4096  # node id -> public key of peers seen in the registry (node ids never reuse keys)
 
 
 class _Shutdown(Exception):
@@ -78,6 +104,7 @@ class Node:
         self.scheduler = Scheduler(SchedulerParams(
             self.node_id, self.name, engine.model_id, limits, config.scheduler.ttl,
             config.scheduler.lease_timeout, config.max_queue_len), self.stats)
+        self.curve = CurveKeys.load(config.curve_key_file, config.curve_allow_dir) if config.curve_key_file else None
         self.is_draining = False
         self.ready = asyncio.Event()
         self.peers: dict[str, PeerLoad] = {}
@@ -85,22 +112,32 @@ class Node:
         self.http_url = ""
         self.steal_endpoint = ""
         self.result_endpoint = ""
+        self.containment = Containment(self.stats)
         self._seq = 0
         self._handles: dict[str, Handle] = {}
         self._ctx = zmq.asyncio.Context()
         self._drops = DropLog(self.stats)
-        self._links = PeerLinks(self._ctx, self.node_id, self._drops, self._on_grant, self._on_origin_message)
+        self._sender = Sender(self.stats)
+        self._links = PeerLinks(self._ctx, self.node_id, self._drops, self._sender, self.containment,
+                                self._on_grant, self._on_load, self._on_origin_message, self.curve)
         self._steal_sock = make_socket(self._ctx, zmq.ROUTER)
         self._result_sock = make_socket(self._ctx, zmq.ROUTER)
         self._grants: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._known_keys: OrderedDict[str, str] = OrderedDict()
+        self._bad_records = OncePerMinute()
+        self._backoff = StealBackoff()
         self._wake_stealer = asyncio.Event()
         self._load_changed = asyncio.Event()
         self._published_pending = -1
         self._peers_refreshed_at = -1e9
+        self._refresh_gap = PEER_REFRESH_MIN_GAP_S
+        self._probed_at = -1e9
         self._stop_requested = asyncio.Event()
         self._rng = random.Random()
         self._runner: EngineRunner | None = None
         self._registry: Registry | None = None
+        self._auth: object | None = None
+        self._http: object | None = None
 
     # ---- what the HTTP layer uses ----
 
@@ -131,10 +168,16 @@ class Node:
         """Client requests accepted and not yet answered."""
         return len(self._handles)
 
+    @property
+    def is_engine_stalled(self) -> bool:
+        """The engine has been inside one step for longer than a lease timeout."""
+        return self._runner is not None and self._runner.busy_for() > self.config.scheduler.lease_timeout
+
     def snapshot(self) -> dict[str, object]:
         return {
             "node_id": self.node_id, "name": self.name, "model_id": self.engine.model_id,
             "draining": self.is_draining, "registry_stale": self.is_registry_stale,
+            "engine_stalled": self.is_engine_stalled, "public_key": self.curve.public_key if self.curve else "",
             "steal_endpoint": self.steal_endpoint, "result_endpoint": self.result_endpoint,
             "peers": sorted(p.name for p in self.peers.values()),
             "load": self.scheduler.load(), "stats": self.stats.as_dict(),
@@ -144,30 +187,65 @@ class Node:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    def add_static_peer(self, peer: PeerLoad) -> None:
+        """Treat ``peer`` as registered without a registry (``--scheduler-name local`` nodes in
+        benchmarks): its steals are served and, with CurveZMQ, its published key is the one it
+        must connect with. A global node's registry refresh replaces the table."""
+        self.peers[peer.node_id] = peer
+        self._known_keys[peer.node_id] = peer.public_key
+
     # ---- life cycle ----
 
+    async def open(self) -> None:
+        """Bind every socket and start the engine thread. A port in use, an address this host
+        does not have, or a key ZeroMQ refuses is a ``ConfigError`` naming it, with nothing left open."""
+        cfg = self.config
+        try:
+            if self.curve is not None:
+                self._auth = self.curve.start_authenticator(self._ctx)
+                self.curve.make_server(self._steal_sock)
+                self.curve.make_server(self._result_sock)
+            steal_port = self._bind(self._steal_sock, "steal", cfg.steal_port)
+            result_port = self._bind(self._result_sock, "result", cfg.result_port)
+            self.steal_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_steal_port or steal_port}"
+            self.result_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_result_port or result_port}"
+            from .http_api import HttpServer
+
+            http = HttpServer(self)
+            self._http = http
+            try:
+                self.http_url = await http.start(cfg.host, cfg.port, cfg.public_host, cfg.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve HTTP on {cfg.host} port {cfg.port}"
+                                  f"{'' if cfg.metrics_port is None else f' / metrics {cfg.metrics_port}'}: "
+                                  f"{exc.strerror or exc}") from None
+        except BaseException:
+            await self._close()
+            raise
+        warn_if_open(cfg.host, self.curve)
+        self._runner = EngineRunner(self.engine, asyncio.get_running_loop(), self._on_engine_outputs,
+                                    cfg.min_step_ms / 1000)
+        self._runner.start()
+
+    def _bind(self, sock: zmq.asyncio.Socket, what: str, port: int) -> int:
+        try:
+            return bind(sock, self.config.host, port)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot bind the ZeroMQ {what} socket on {self.config.host}"
+                              f"{f' port {port}' if port else ''}: {exc.strerror}") from None
+
     async def run(self) -> None:
+        await self.open()
         cfg = self.config
         loop = asyncio.get_running_loop()
-        host = cfg.host
-        steal_port = bind(self._steal_sock, host, cfg.steal_port)
-        result_port = bind(self._result_sock, host, cfg.result_port)
-        self.steal_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_steal_port or steal_port}"
-        self.result_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_result_port or result_port}"
-        self._runner = EngineRunner(self.engine, loop, self._on_engine_outputs, cfg.min_step_ms / 1000)
-        self._runner.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self.request_stop)
             except (NotImplementedError, RuntimeError):
                 pass
-        from .http_api import HttpServer
-
-        http = HttpServer(self)
         try:
             async with asyncio.TaskGroup() as group:
                 self._links.start(group)
-                self.http_url = await http.start(host, cfg.port, cfg.public_host, cfg.metrics_port)
                 group.create_task(self._steal_server(), name="steal-server")
                 group.create_task(self._result_server(), name="result-server")
                 group.create_task(self._ticker(), name="ticker")
@@ -177,31 +255,40 @@ class Node:
                     await self._register_first()  # "up" (and /health 200) means listed in the registry
                     group.create_task(self._registry_loop(), name="registry")
                     group.create_task(self._stealer(), name="stealer")
-                group.create_task(self._shutdown(http), name="shutdown")
-                log.info("node %s (%s) up: http %s steal %s result %s scheduler=%s model=%s", self.name,
+                group.create_task(self._shutdown(), name="shutdown")
+                log.info("node %s (%s) up: http %s steal %s result %s scheduler=%s model=%s curve=%s", self.name,
                          self.node_id, self.http_url, self.steal_endpoint, self.result_endpoint,
-                         cfg.scheduler.name, self.engine.model_id)
+                         cfg.scheduler.name, self.engine.model_id, "on" if self.curve else "off")
                 self.ready.set()
         except* _Shutdown:
             pass
         finally:
-            await http.stop()
-            if self._runner is not None:
-                self._runner.stop()
-            self._links.close()
-            self._steal_sock.close(0)
-            self._result_sock.close(0)
-            if self._registry is not None:
-                await self._registry.close()
-            self._ctx.term()
+            await self._close()
         log.info("node %s stopped", self.name)
 
-    async def _shutdown(self, http: object) -> None:
+    async def _close(self) -> None:
+        from .http_api import HttpServer
+
+        if isinstance(self._http, HttpServer):
+            await self._http.stop()
+        if self._runner is not None:
+            self._runner.stop()
+        self._links.close()
+        self._steal_sock.close(0)
+        self._result_sock.close(0)
+        if self._registry is not None:
+            await self._registry.close()
+        if self._auth is not None:
+            self._auth.stop()  # type: ignore[attr-defined]
+        self._ctx.term()
+
+    async def _shutdown(self) -> None:
         await self._stop_requested.wait()
         log.info("draining: %d own and %d stolen-in requests in flight",
                  len(self._handles), len(self.scheduler.remote))
         self.is_draining = True
         self.scheduler.is_accepting_steals = False
+        self._apply(self.scheduler.hand_back_pending("draining"))  # unstarted stolen work goes home now
         self._wake_stealer.set()
         if self._registry is not None:
             try:
@@ -229,23 +316,46 @@ class Node:
             for request_id in fx.engine_abort:
                 runner.abort(request_id)
         for origin_id, message in fx.to_origin:
-            if not self._links.send_to_origin(origin_id, message):
+            try:
+                sent = self._links.send_to_origin(origin_id, message)
+            except ProtocolError as exc:  # a message over the frame cap: the protocol recovers (gap, lease)
+                log.error("not sent to origin %s: %s", origin_id, exc)
+                sent = False
+            if not sent:
                 self.stats.sends_failed += 1
         for thief_id, message in fx.to_thief:
-            if not send_now(self._result_sock, [thief_id.encode(), encode(message)]):
+            if not self._send_router(self._result_sock, thief_id.encode(), message):
                 self.stats.sends_failed += 1
+
+    def _send_router(self, sock: zmq.asyncio.Socket, peer: bytes, message: Message | bytes) -> bool:
+        try:
+            body = message if isinstance(message, bytes) else encode(message)
+        except ProtocolError as exc:
+            log.error("not sent to %r: %s", peer[:64], exc)
+            return False
+        return self._sender.send(sock, [peer, body], peer)
 
     def _wake_stealer_if_idle(self) -> None:
         if self.scheduler.steal_capacity() is not None and not self.is_draining:
             self._wake_stealer.set()
 
     def _on_engine_outputs(self, outputs: list[EngineOutput], busy_s: float) -> None:
-        self._apply(self.scheduler.on_engine_outputs(outputs, busy_s, time.time()))
-        self._wake_stealer_if_idle()
+        with self.containment.guard("engine-outputs"):
+            self._apply(self.scheduler.on_engine_outputs(outputs, busy_s, time.time()))
+            self._wake_stealer_if_idle()
 
     def _on_grant(self, grant: Grant) -> None:
+        victim = self.peers.get(grant.victim_id)
+        if victim is not None:
+            self.peers[grant.victim_id] = dataclasses.replace(victim, pending=grant.victim_pending)
         if grant.tasks:
             self._apply(self.scheduler.on_grant(grant, time.time()))
+
+    def _on_load(self, report: LoadReport) -> None:
+        peer = self.peers.get(report.node_id)
+        if peer is not None:
+            self.peers[report.node_id] = dataclasses.replace(
+                peer, pending=report.pending, pending_tokens=report.pending_tokens, running=report.running)
 
     def _on_origin_message(self, message: Ack | HeartbeatAck | Cancel) -> None:
         now = time.time()
@@ -257,50 +367,91 @@ class Node:
             self._apply(self.scheduler.on_cancel(message, now))
         self._wake_stealer_if_idle()
 
+    # ---- who may say what ----
+
+    async def _recv(self, sock: zmq.asyncio.Socket) -> tuple[bytes, list[bytes], str | None]:
+        """(routing id, body frames, CurveZMQ User-Id or None) of the next message."""
+        if self.curve is None:
+            frames = await sock.recv_multipart()
+            return frames[0], frames[1:], None
+        parts = await sock.recv_multipart(copy=False)
+        user_id = parts[-1].get("User-Id") if parts else None
+        return parts[0].bytes, [part.bytes for part in parts[1:]], user_id if isinstance(user_id, str) else None
+
+    def _speaks_for(self, node_id: str, peer: bytes, user_id: str | None) -> str | None:
+        """Why the sender on this connection may not speak for ``node_id``, or None."""
+        if node_id.encode() != peer:
+            return "node id does not match the connection's routing id"
+        if self.curve is not None and self._known_keys.get(node_id) != user_id:
+            return "node id does not match the connection's CurveZMQ key"
+        return None
+
     # ---- loops ----
 
     async def _steal_server(self) -> None:
         while True:
-            frames = await self._steal_sock.recv_multipart()
-            peer, body = frames[0], frames[1:]
-            steal = self._drops.decode("steal", peer, body, (Steal,))
-            if not isinstance(steal, Steal):
-                continue
-            cached = self._grants.get(steal.steal_id)
-            if cached is not None and cached[0] == steal.thief_id:
-                reply = cached[1]  # a repeated steal id gets the same grant
-            else:
-                grant = self.scheduler.on_steal(steal, time.time())
-                reply = encode(grant)
-                self._grants[steal.steal_id] = (steal.thief_id, reply)
-                while len(self._grants) > GRANT_CACHE:
-                    self._grants.popitem(last=False)
-                if grant.tasks:
-                    self._note_load_change()
-                    log.info("granted %d request(s) to %s", len(grant.tasks), steal.thief_name)
-            send_now(self._steal_sock, [peer, reply])
+            peer, body, user_id = await self._recv(self._steal_sock)
+            with self.containment.guard("steal-server", peer[:64]):
+                message = self._drops.decode("steal", peer, body, (Steal, Probe))
+                if isinstance(message, (Steal, Probe)):
+                    reply = self._answer_steal_socket(message, peer, user_id)
+                    if reply is not None:
+                        self._send_router(self._steal_sock, peer, reply)
+
+    def _answer_steal_socket(self, message: Steal | Probe, peer: bytes, user_id: str | None) -> bytes | None:
+        problem = self._speaks_for(message.thief_id, peer, user_id)
+        if problem is not None:
+            self._drops.refuse("steal", peer, problem)
+            return None
+        if isinstance(message, Probe):
+            if message.thief_id not in self.peers:
+                return None
+            load = self.scheduler.load()
+            return encode(LoadReport(PROTOCOL_VERSION, message.probe_id, self.node_id, load["pending"],
+                                     load["pending_tokens"], load["running"]))
+        cached = self._grants.get(message.steal_id)
+        if cached is not None and cached[0] == message.thief_id:
+            return cached[1]  # a repeated steal id gets the same grant
+        if message.thief_id in self.peers:
+            grant, reply = self.scheduler.on_steal(message, time.time())
+        else:  # not a registered peer of our topic (yet): look again soon; it will ask again
+            grant, reply = self.scheduler.refuse_steal(message, "unknown_peer")
+            self._peers_refreshed_at = -1e9
+            self._load_changed.set()
+        self._grants[message.steal_id] = (message.thief_id, reply)
+        while len(self._grants) > GRANT_CACHE:
+            self._grants.popitem(last=False)
+        if grant.tasks:
+            self._note_load_change()
+            log.info("granted %d request(s) to %s", len(grant.tasks), message.thief_name)
+        return reply
 
     async def _result_server(self) -> None:
         while True:
-            frames = await self._result_sock.recv_multipart()
-            peer, body = frames[0], frames[1:]
-            message = self._drops.decode("result", peer, body, (Tokens, Heartbeat))
-            if not isinstance(message, (Tokens, Heartbeat)):
-                continue
-            if message.thief_id.encode() != peer:
-                self._drops.drop("result", peer, "thief id does not match the connection")
-                continue
-            now = time.time()
-            if isinstance(message, Tokens):
-                self._apply(self.scheduler.on_tokens(message, now))
-            else:
-                self._apply(self.scheduler.on_heartbeat(message, now))
+            peer, body, user_id = await self._recv(self._result_sock)
+            with self.containment.guard("result-server", peer[:64]):
+                message = self._drops.decode("result", peer, body, (Tokens, Heartbeat, Handback))
+                if not isinstance(message, (Tokens, Heartbeat, Handback)):
+                    continue
+                problem = self._speaks_for(message.thief_id, peer, user_id)
+                if problem is not None:
+                    self._drops.refuse("result", peer, problem)
+                    continue
+                now = time.time()
+                if isinstance(message, Tokens):
+                    self._apply(self.scheduler.on_tokens(message, now))
+                elif isinstance(message, Heartbeat):
+                    self._apply(self.scheduler.on_heartbeat(message, now))
+                else:
+                    self._apply(self.scheduler.on_handback(message, now))
+                    self._wake_stealer_if_idle()
 
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            self._apply(self.scheduler.tick(time.time()))
-            self._wake_stealer_if_idle()
+            with self.containment.guard("ticker"):
+                self._apply(self.scheduler.tick(time.time(), engine_ok=not self.is_engine_stalled))
+                self._wake_stealer_if_idle()
 
     async def _watch_engine(self) -> None:
         assert self._runner is not None
@@ -314,7 +465,7 @@ class Node:
         return NodeRecord(self.node_id, self.name, PROTOCOL_VERSION, self.engine.model_id, self.steal_endpoint,
                           self.result_endpoint, self.http_url, self.started_at, time.time(),
                           load["pending"], load["pending_tokens"], load["running"], load["free_slots"],
-                          load["free_kv_tokens"])
+                          load["free_kv_tokens"], self.curve.public_key if self.curve else "")
 
     def _note_load_change(self) -> None:
         pending = len(self.scheduler.pending)
@@ -322,15 +473,41 @@ class Node:
             self._load_changed.set()
 
     async def _refresh_peers(self) -> None:
+        """Read the registry; keep the records a peer can use, connect to new peers early (so the
+        first steal does not wait for a handshake). Bad records are counted and skipped."""
         assert self._registry is not None
         records = await self._registry.nodes()
         self._peers_refreshed_at = time.monotonic()
-        self.peers = {r.node_id: r.as_peer() for r in records
-                      if r.node_id != self.node_id and r.version == PROTOCOL_VERSION}
-        for peer in self.peers.values():
-            if peer.model_id == self.engine.model_id:
-                self._links.link(peer)  # connect early: the first steal must not wait for a handshake
-        self._links.prune(set(self.peers) | self.scheduler.remote.origins())
+        peers: dict[str, PeerLoad] = {}
+        for record in records:
+            if record.node_id == self.node_id or record.version != PROTOCOL_VERSION:
+                continue
+            problem = record.problem()
+            if problem is None and self.curve is not None and not record.public_key:
+                problem = "no CurveZMQ public key (the peer runs without keys)"
+            if problem is None:
+                peer = record.as_peer()
+                if peer.model_id == self.engine.model_id:
+                    try:
+                        self._links.link(peer)
+                    except (zmq.ZMQError, ValueError) as exc:
+                        problem = f"cannot connect: {exc}"
+            if problem is not None:
+                self.stats.bad_peer_records += 1
+                if self._bad_records.should_log(record.node_id[:64]):
+                    log.warning("skipping registry record of %r (%s): %s", record.name[:64], record.node_id[:64],
+                                problem)
+                continue
+            peers[record.node_id] = peer
+            self._known_keys[record.node_id] = record.public_key
+            self._known_keys.move_to_end(record.node_id)
+        while len(self._known_keys) > KNOWN_KEYS:
+            self._known_keys.popitem(last=False)
+        self.peers = peers
+        self._links.prune(set(peers) | self.scheduler.remote.origins())
+        self._backoff.forget(set(peers))
+        if self.curve is not None and self._auth is not None:
+            self.curve.reload_allow_list(self._auth)  # type: ignore[arg-type]
 
     async def _register_first(self) -> None:
         assert self._registry is not None
@@ -363,6 +540,8 @@ class Node:
                     log.warning("registry unavailable (%s): serving on, stealing from %d last-known peer(s)",
                                 exc, len(self.peers))
                 self.is_registry_stale = True
+            except Exception as exc:  # what Redis returned made no sense: count it, keep heartbeating
+                self.containment.record("registry", "redis", exc)
             await asyncio.sleep(PUBLISH_MIN_GAP_S)
             try:
                 await asyncio.wait_for(self._load_changed.wait(), max(0.0, interval - PUBLISH_MIN_GAP_S))
@@ -379,32 +558,59 @@ class Node:
             self._wake_stealer.clear()
             if self.is_draining:
                 return
-            if self.scheduler.steal_capacity() is None:
+            with self.containment.guard("stealer"):
+                await self._steal_round()
+
+    def _victims(self) -> list[PeerLoad]:
+        now = time.monotonic()
+        return [peer for peer in choose_victims(self.peers.values(), self.node_id, self.engine.model_id,
+                                                self.config.scheduler.min_load_score, self._rng)
+                if self._backoff.is_ready(peer, now)]
+
+    async def _steal_round(self) -> None:
+        cfg = self.config.scheduler
+        if self.scheduler.steal_capacity() is None:
+            return
+        if self.is_registry_stale:
+            await self._probe_peers()  # last-known loads only fall (grants); ask the peers directly
+        victims = self._victims()
+        if not victims and not self.is_registry_stale \
+                and time.monotonic() - self._peers_refreshed_at >= self._refresh_gap:
+            try:
+                await self._refresh_peers()  # the table may be a heartbeat old: look again
+            except RegistryUnavailable:
+                self.is_registry_stale = True
+            victims = self._victims()
+            # Nothing to steal anywhere: look less often, up to once a heartbeat, until work shows up.
+            self._refresh_gap = PEER_REFRESH_MIN_GAP_S if victims else min(cfg.heartbeat_interval,
+                                                                           2 * self._refresh_gap)
+        for victim in victims:
+            capacity = self.scheduler.steal_capacity()
+            if capacity is None or self.is_draining:
+                break
+            max_requests, max_tokens = capacity
+            self.stats.steals_attempted += 1
+            steal = Steal(PROTOCOL_VERSION, uuid.uuid4().hex, self.node_id, self.name, self.engine.model_id,
+                          min(max_requests, 1024), max_tokens, self.engine.limits.max_model_len)
+            grant = await self._links.steal(victim, steal, cfg.steal_timeout)
+            if grant is None:
+                self.stats.steals_timed_out += 1
+                self._backoff.fruitless(victim, time.monotonic(), victim.pending)
                 continue
-            victims = choose_victims(self.peers.values(), self.node_id, self.engine.model_id,
-                                     cfg.min_load_score, self._rng)
-            if not victims and not self.is_registry_stale \
-                    and time.monotonic() - self._peers_refreshed_at >= PEER_REFRESH_MIN_GAP_S:
-                try:
-                    await self._refresh_peers()  # the table may be a heartbeat old: look again
-                except RegistryUnavailable:
-                    self.is_registry_stale = True
-                victims = choose_victims(self.peers.values(), self.node_id, self.engine.model_id,
-                                         cfg.min_load_score, self._rng)
-            for victim in victims:
-                capacity = self.scheduler.steal_capacity()
-                if capacity is None or self.is_draining:
-                    break
-                max_requests, max_tokens = capacity
-                self.stats.steals_attempted += 1
-                steal = Steal(PROTOCOL_VERSION, uuid.uuid4().hex, self.node_id, self.name, self.engine.model_id,
-                              min(max_requests, 1024), max_tokens)
-                grant = await self._links.steal(victim, steal, cfg.steal_timeout)
-                if grant is None:
-                    self.stats.steals_timed_out += 1
-                    continue
-                self.peers[victim.node_id] = PeerLoad(**{**victim.__dict__, "pending": grant.victim_pending})
-                if grant.tasks:
-                    self.stats.steals_granted += 1
-                    break
-                self.stats.steals_empty += 1
+            if grant.tasks:
+                self.stats.steals_granted += 1
+                self._backoff.granted(victim)
+                break
+            self.stats.steals_empty += 1
+            self._backoff.fruitless(victim, time.monotonic(), grant.victim_pending)
+
+    async def _probe_peers(self) -> None:
+        """While Redis is unreachable, ask every known peer for its load once per heartbeat interval."""
+        cfg = self.config.scheduler
+        if time.monotonic() - self._probed_at < cfg.heartbeat_interval:
+            return
+        self._probed_at = time.monotonic()
+        peers = [p for p in self.peers.values() if p.model_id == self.engine.model_id]
+        self.stats.probes_sent += len(peers)
+        await asyncio.gather(*(self._links.probe(peer, Probe(PROTOCOL_VERSION, uuid.uuid4().hex, self.node_id),
+                                                 cfg.steal_timeout) for peer in peers))

@@ -1,4 +1,10 @@
-"""Request bodies of the OpenAI-compatible API (pydantic), and the error object."""
+"""Request bodies of the OpenAI-compatible API (pydantic), and the error object.
+
+Every bound comes from the protocol's table of request limits (``protocol.py``), so a body that
+validates here becomes a ``Sampling`` and a ``Task`` that every peer decodes: one validation
+boundary for HTTP and the wire. Engine-specific limits (context length, vocabulary) are checked
+against ``EngineLimits`` after tokenization (``http_api.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,20 @@ from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
+
+from .protocol import (
+    MAX_CONTEXT_TOKENS,
+    MAX_SEED,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    MAX_TOKEN_ID,
+    MAX_TOP_K,
+)
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -19,15 +39,15 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_CONTEXT_TOKENS)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = -1
-    seed: Annotated[int, Field(ge=0, le=(1 << 63) - 1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] = -1
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     n: Literal[1] = 1
     user: str | None = None
@@ -35,7 +55,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    prompt: str | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_CONTEXT_TOKENS)]
 
 
 class TextPart(BaseModel):
@@ -57,7 +77,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_CONTEXT_TOKENS)] | None = None
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -2,9 +2,10 @@
 
 A steal is a request/reply on the steal DEALER, matched by steal id. A grant that arrives after
 the caller gave up waiting is still handed to ``on_grant`` (its tasks are leased to us, so we
-run them rather than let the lease lapse). Acks, heartbeat acks and cancels from origins arrive
+run them rather than let the lease lapse). Load reports (answers to probes, sent while the
+registry is unreachable) go to ``on_load``. Acks, heartbeat acks and cancels from origins arrive
 on the result DEALER and go to ``on_origin_message``. Each link has one reader loop, started
-in the node's task group.
+in the node's task group; an error handling one message is contained to that message.
 """
 
 from __future__ import annotations
@@ -16,24 +17,34 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
+from .containment import Containment
 from .policy import PeerLoad
-from .protocol import Ack, Cancel, Grant, HeartbeatAck, Message, Steal, encode
-from .transport import DropLog, make_socket, send_now
+from .protocol import Ack, Cancel, Grant, HeartbeatAck, LoadReport, Message, Probe, Steal, encode
+from .security import CurveKeys
+from .transport import DropLog, Sender, make_socket
 
 log = logging.getLogger(__name__)
 
 GrantHandler = Callable[[Grant], None]
+LoadHandler = Callable[[LoadReport], None]
 OriginHandler = Callable[[Ack | HeartbeatAck | Cancel], None]
 
 
 class PeerLink:
-    def __init__(self, ctx: zmq.asyncio.Context, node_id: str, peer: PeerLoad):
+    def __init__(self, ctx: zmq.asyncio.Context, node_id: str, peer: PeerLoad, curve: CurveKeys | None):
         self.peer = peer
         self.steal = make_socket(ctx, zmq.DEALER, node_id.encode())
         self.result = make_socket(ctx, zmq.DEALER, node_id.encode())
-        self.steal.connect(peer.steal_endpoint)
-        self.result.connect(peer.result_endpoint)
-        self.waiting: dict[str, asyncio.Future[Grant]] = {}
+        try:
+            for sock, endpoint in ((self.steal, peer.steal_endpoint), (self.result, peer.result_endpoint)):
+                if curve is not None:
+                    curve.make_client(sock, peer.public_key)
+                sock.connect(endpoint)
+        except (zmq.ZMQError, ValueError):
+            self.steal.close(0)
+            self.result.close(0)
+            raise
+        self.waiting: dict[str, asyncio.Future[Grant | LoadReport]] = {}
         self.reader: asyncio.Task[None] | None = None
 
     def close(self) -> None:
@@ -44,13 +55,18 @@ class PeerLink:
 
 
 class PeerLinks:
-    def __init__(self, ctx: zmq.asyncio.Context, node_id: str, drops: DropLog,
-                 on_grant: GrantHandler, on_origin_message: OriginHandler):
+    def __init__(self, ctx: zmq.asyncio.Context, node_id: str, drops: DropLog, sender: Sender,
+                 containment: Containment, on_grant: GrantHandler, on_load: LoadHandler,
+                 on_origin_message: OriginHandler, curve: CurveKeys | None = None):
         self._ctx = ctx
         self._node_id = node_id
         self._drops = drops
+        self._sender = sender
+        self._containment = containment
         self._on_grant = on_grant
+        self._on_load = on_load
         self._on_origin_message = on_origin_message
+        self._curve = curve
         self._links: dict[str, PeerLink] = {}
         self._group: asyncio.TaskGroup | None = None
 
@@ -58,14 +74,17 @@ class PeerLinks:
         self._group = group
 
     def link(self, peer: PeerLoad) -> PeerLink:
+        """The link to ``peer``, connected now if new (raises ``zmq.ZMQError`` or ``ValueError``
+        for an endpoint or key ZeroMQ refuses; records are checked before they get here)."""
         link = self._links.get(peer.node_id)
-        if link is not None and (link.peer.steal_endpoint, link.peer.result_endpoint) != (
-                peer.steal_endpoint, peer.result_endpoint):
+        if link is not None and (link.peer.steal_endpoint, link.peer.result_endpoint, link.peer.public_key) != (
+                peer.steal_endpoint, peer.result_endpoint, peer.public_key):
             link.close()
+            del self._links[peer.node_id]
             link = None
         if link is None:
             assert self._group is not None, "PeerLinks.start() not called"
-            link = PeerLink(self._ctx, self._node_id, peer)
+            link = PeerLink(self._ctx, self._node_id, peer, self._curve)
             link.reader = self._group.create_task(self._read(link), name=f"peer-{peer.name}")
             self._links[peer.node_id] = link
         link.peer = peer
@@ -74,32 +93,41 @@ class PeerLinks:
     def prune(self, keep: set[str]) -> None:
         """Close links to peers that left the registry and owe us nothing."""
         for node_id in [n for n in self._links if n not in keep]:
-            link = self._links.pop(node_id)
+            link = self._links[node_id]
             if link.waiting:
-                self._links[node_id] = link  # a steal is in flight: keep it for now
-                continue
+                continue  # a steal is in flight: keep it for now
+            del self._links[node_id]
             link.close()
 
     async def steal(self, peer: PeerLoad, request: Steal, timeout: float) -> Grant | None:
         """Send a steal RPC; the grant, or None on timeout or when the send fails."""
+        reply = await self._call(peer, request.steal_id, encode(request), timeout)
+        return reply if isinstance(reply, Grant) else None
+
+    async def probe(self, peer: PeerLoad, probe: Probe, timeout: float) -> LoadReport | None:
+        """Ask a peer for its load (while the registry is unreachable); None on timeout."""
+        reply = await self._call(peer, probe.probe_id, encode(probe), timeout)
+        return reply if isinstance(reply, LoadReport) else None
+
+    async def _call(self, peer: PeerLoad, call_id: str, frame: bytes, timeout: float) -> Grant | LoadReport | None:
         link = self.link(peer)
-        future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
-        link.waiting[request.steal_id] = future
+        future: asyncio.Future[Grant | LoadReport] = asyncio.get_running_loop().create_future()
+        link.waiting[call_id] = future
         try:
-            if not send_now(link.steal, [encode(request)]):
+            if not self._sender.send(link.steal, [frame]):
                 return None
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             return None
         finally:
-            link.waiting.pop(request.steal_id, None)
+            link.waiting.pop(call_id, None)
 
     def send_to_origin(self, origin_id: str, message: Message) -> bool:
         """Non-blocking send on the result link; False if there is no live link (counted by caller)."""
         link = self._links.get(origin_id)
         if link is None:
             return False
-        return send_now(link.result, [encode(message)])
+        return self._sender.send(link.result, [encode(message)])
 
     def close(self) -> None:
         for link in self._links.values():
@@ -114,19 +142,36 @@ class PeerLinks:
         while True:
             for sock, _ in await poller.poll():
                 frames = await sock.recv_multipart()
-                if sock is link.steal:
-                    grant = self._drops.decode("steal-reply", peer, frames, (Grant,))
-                    if isinstance(grant, Grant):
-                        self._deliver_grant(link, grant)
-                else:
-                    msg = self._drops.decode("result-reply", peer, frames, (Ack, HeartbeatAck, Cancel))
-                    if isinstance(msg, (Ack, HeartbeatAck, Cancel)):
-                        self._on_origin_message(msg)
+                with self._containment.guard("peer-reader", link.peer.name):
+                    if sock is link.steal:
+                        reply = self._drops.decode("steal-reply", peer, frames, (Grant, LoadReport))
+                        if isinstance(reply, Grant):
+                            self._deliver_grant(link, reply)
+                        elif isinstance(reply, LoadReport):
+                            self._deliver_load(link, reply)
+                    else:
+                        msg = self._drops.decode("result-reply", peer, frames, (Ack, HeartbeatAck, Cancel))
+                        if isinstance(msg, (Ack, HeartbeatAck, Cancel)):
+                            if msg.origin_id == link.peer.node_id:
+                                self._on_origin_message(msg)
+                            else:
+                                self._drops.refuse("result-reply", peer, "origin id is not the link's node id")
 
     def _deliver_grant(self, link: PeerLink, grant: Grant) -> None:
+        if grant.victim_id != link.peer.node_id:
+            self._drops.refuse("steal-reply", link.peer.node_id.encode(), "grant from another node id than the link's")
+            return
         self._on_grant(grant)
         future = link.waiting.get(grant.steal_id)
         if future is not None and not future.done():
             future.set_result(grant)
         elif grant.tasks:
             log.info("late grant %s from %s with %d tasks accepted", grant.steal_id, link.peer.name, len(grant.tasks))
+
+    def _deliver_load(self, link: PeerLink, report: LoadReport) -> None:
+        if report.node_id != link.peer.node_id:
+            return
+        self._on_load(report)
+        future = link.waiting.get(report.probe_id)
+        if future is not None and not future.done():
+            future.set_result(report)

@@ -7,7 +7,8 @@ failure raises ``ProtocolError``; the socket loop counts and drops the frame.
 
 Message flow (thief T, victim/origin V):
   T --Steal--> V.steal (DEALER -> ROUTER)      V --Grant(tasks)--> T
-  T --Tokens / Heartbeat--> V.result (DEALER -> ROUTER)
+  T --Probe--> V.steal                         V --LoadReport--> T     (registry unreachable)
+  T --Tokens / Heartbeat / Handback--> V.result (DEALER -> ROUTER)
   V --Ack / HeartbeatAck / Cancel--> T over the same connection
 """
 
@@ -20,18 +21,34 @@ import msgspec
 from . import PROTOCOL_VERSION
 from .errors import ProtocolError
 
-MAX_FRAME_BYTES = 4 * 1024 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket
-MAX_PROMPT_TOKENS = 1 << 18
+MAX_FRAME_BYTES = 4 * 1024 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket; encode refuses more
+MAX_GRANT_BYTES = MAX_FRAME_BYTES  # a victim stops adding tasks to a grant before this
 MAX_TASKS_PER_GRANT = 1024
 MAX_ITEMS_PER_MESSAGE = 4096
 
+# The one table of request limits. The HTTP schema (openai_schema.py) takes its bounds from
+# here, so every request a node accepts is one the wire carries and every peer decodes. A task
+# with the longest prompt and output encodes in about 5 bytes per token: 2.6 MB < MAX_FRAME_BYTES.
+MAX_CONTEXT_TOKENS = 1 << 19  # prompt + output, on every engine (engines clamp their own limit to it)
+MAX_TOKEN_ID = (1 << 31) - 1
+MAX_SEED = (1 << 63) - 1
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1 << 20  # above the vocabulary it means "no top-k", as any value <= 0 does
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Name = Annotated[str, msgspec.Meta(max_length=256)]
-TokenId = Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
+UnixTime = Annotated[float, msgspec.Meta(ge=0.0, le=1e11)]  # finite: NaN and infinity fail the bounds
 FinishReason = Literal["stop", "length", "abort", "error"]
-GrantReason = Literal["ok", "empty", "model_mismatch", "not_accepting"]
+GrantReason = Literal["ok", "empty", "model_mismatch", "not_accepting", "unknown_peer"]
+# Why a thief gives a task back unrun: its engine cannot run it, it waited past its deadline
+# before starting, or the thief is shutting down.
+HandbackReason = Literal["cannot_run", "expired", "draining"]
 
 
 class _Base(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):
@@ -39,14 +56,15 @@ class _Base(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=Tr
 
 
 class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
-    seed: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
-    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 0.0
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT_TOKENS)]
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TEMPERATURE)] = 0.0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=-1, le=1 << 20)] = -1
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=MAX_TOP_K)] = -1
     ignore_eos: bool = False
-    stop_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=256)] = []
-    stop: Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]], msgspec.Meta(max_length=16)] = []
+    stop_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] = []
+    stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_STRING_CHARS)]],
+                    msgspec.Meta(max_length=MAX_STOP_STRINGS)] = []
 
 
 class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -56,10 +74,10 @@ class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     origin_id: Id
     origin_name: Name
     epoch: Count
-    prompt_token_ids: Annotated[list[TokenId], msgspec.Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)]
-    delivered_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=1 << 20)]
+    prompt_token_ids: Annotated[list[TokenId], msgspec.Meta(min_length=1, max_length=MAX_CONTEXT_TOKENS)]
+    delivered_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_CONTEXT_TOKENS)]
     sampling: Sampling
-    deadline: float  # unix time after which the origin gives up on it
+    deadline: UnixTime  # unix time by which it must have started running, or the origin gives up on it
 
 
 class Steal(_Base, frozen=True, tag="steal"):
@@ -69,6 +87,7 @@ class Steal(_Base, frozen=True, tag="steal"):
     model_id: Id
     max_requests: Annotated[int, msgspec.Meta(ge=1, le=MAX_TASKS_PER_GRANT)]
     max_tokens: Count  # prompt + output tokens the thief can hold in its KV cache
+    max_model_len: Count  # longest prompt + output the thief's engine runs
 
 
 class Grant(_Base, frozen=True, tag="grant"):
@@ -99,10 +118,41 @@ class Tokens(_Base, frozen=True, tag="tokens"):
 class LeaseRef(msgspec.Struct, frozen=True, array_like=True):
     request_id: Id
     epoch: Count
+    is_running: bool = False  # in the thief's engine (started), not waiting in its queue
+
+
+class HandbackItem(msgspec.Struct, frozen=True, array_like=True):
+    request_id: Id
+    epoch: Count
+    reason: HandbackReason
+
+
+class Handback(_Base, frozen=True, tag="handback"):
+    """Thief -> origin: these granted tasks will not run here; they are yours again."""
+
+    thief_id: Id
+    items: Annotated[list[HandbackItem], msgspec.Meta(min_length=1, max_length=MAX_TASKS_PER_GRANT)]
+
+
+class Probe(_Base, frozen=True, tag="probe"):
+    """Thief -> victim (steal socket), while the registry is unreachable: how loaded are you?"""
+
+    probe_id: Id
+    thief_id: Id
+
+
+class LoadReport(_Base, frozen=True, tag="load"):
+    """Victim -> thief: the answer to a Probe (the load fields of a registry record)."""
+
+    probe_id: Id
+    node_id: Id
+    pending: Count
+    pending_tokens: Count
+    running: Count
 
 
 class Heartbeat(_Base, frozen=True, tag="heartbeat"):
-    """Thief -> origin: I still run these; renews their leases."""
+    """Thief -> origin: I still hold these and my engine makes progress; renews their leases."""
 
     thief_id: Id
     leases: Annotated[list[LeaseRef], msgspec.Meta(max_length=MAX_ITEMS_PER_MESSAGE)]
@@ -131,14 +181,37 @@ class Cancel(_Base, frozen=True, tag="cancel"):
     reason: Name
 
 
-Message = Union[Steal, Grant, Tokens, Heartbeat, HeartbeatAck, Ack, Cancel]
+Message = Union[Steal, Grant, Tokens, Heartbeat, HeartbeatAck, Ack, Cancel, Handback, Probe, LoadReport]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
 def encode(message: Message) -> bytes:
-    return _encoder.encode(message)
+    """One frame; ``ProtocolError`` if it would exceed ``MAX_FRAME_BYTES`` or cannot be encoded."""
+    try:
+        frame = _encoder.encode(message)
+    except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int beyond 64 bits
+        raise ProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{type(message).__name__} of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    return frame
+
+
+_task_decoder: msgspec.msgpack.Decoder[Task] = msgspec.msgpack.Decoder(Task)
+
+
+def checked_task_frame(task: Task) -> bytes:
+    """The task's msgpack bytes, after checking that a peer's decoder accepts them.
+
+    Types are checked when a peer decodes, not when we build a struct; a victim runs this on
+    each task before leasing it, so a grant it sends is a grant every thief takes whole."""
+    try:
+        frame = _encoder.encode(task)
+        _task_decoder.decode(frame)
+    except (OverflowError, TypeError, ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolError(f"task {task.request_id}: {exc}") from None
+    return frame
 
 
 def decode(frame: bytes) -> Message:

@@ -9,6 +9,11 @@ A node lives in shard crc32(node_id) % shards; the hash tag ``{<topic>.<shard>}`
 record and its shard's index in one Redis Cluster slot, so the heartbeat script is atomic there
 too. Readers scan every shard, drop index members whose record expired, and check model ids.
 
+Access: an ACL user, a password (or a file holding it) and TLS (``rediss://``, a CA, a client
+certificate) go to redis-py's own options. ``verify_access`` runs every command a node uses, once,
+on our key names, so a node whose login, ACL rules or certificates Redis refuses stops at start
+with one line, while a Redis that is merely unreachable lets it start and serve alone (DESIGN §4).
+
 Run ``python -m p2psched.registry`` to list the nodes (table, ``--json`` or ``--watch``).
 """
 
@@ -16,10 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import ssl
 import sys
 import time
+import uuid
 import zlib
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -30,6 +39,7 @@ from .cli import Parser
 from .config import SchedulerConfig
 from .errors import ConfigError, RegistryUnavailable
 from .policy import PeerLoad
+from .transport import is_valid_endpoint
 
 # KEYS[1] node hash, KEYS[2] load index; ARGV: ttl_ms, score, node_id, then field/value pairs.
 _HEARTBEAT = """
@@ -38,6 +48,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
+_PROBE_TTL_MS = 10_000  # verify_access's throw-away record, should its clean-up not run
+_ALERT_WAIT_S = 0.5  # after a TLS connection reset at start: how long to listen for the alert
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -56,14 +71,30 @@ class NodeRecord:
     running: int = 0
     free_slots: int = 0
     free_kv_tokens: int = 0
+    public_key: str = ""  # CurveZMQ public key (z85) of the node's sockets; "" without keys
 
     @property
     def load_score(self) -> int:
         return self.pending
 
+    def problem(self) -> str | None:
+        """Why a peer cannot use this record (checked before anything connects to it), or None."""
+        if not _NODE_ID.fullmatch(self.node_id):
+            return "bad node id"
+        if not 0 < len(self.model_id) <= 128 or len(self.name) > 256:
+            return "bad model id or name"
+        for endpoint in (self.steal_endpoint, self.result_endpoint):
+            if not is_valid_endpoint(endpoint):
+                return f"unusable endpoint {endpoint[:80]!r}"
+        if self.public_key and (len(self.public_key) != 40 or not self.public_key.isprintable()):
+            return "bad public key"
+        if min(self.pending, self.pending_tokens, self.running) < 0 or max(self.pending, self.running) > 1 << 31:
+            return "load out of range"
+        return None
+
     def as_peer(self) -> PeerLoad:
         return PeerLoad(self.node_id, self.name, self.model_id, self.steal_endpoint, self.result_endpoint,
-                        self.pending, self.pending_tokens, self.running)
+                        self.pending, self.pending_tokens, self.running, self.public_key)
 
     def to_hash(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -105,11 +136,163 @@ class Keys:
         return f"p2psched:{{{self.topic}.{shard}}}:node:{node_id}"
 
 
-def connect(cfg: SchedulerConfig, timeout: float = 0.5) -> aioredis.Redis:
-    """An asyncio client that fails fast: callers decide when to retry."""
-    return aioredis.Redis(host=cfg.host, port=cfg.port, db=cfg.db, password=cfg.password or None,
-                          socket_timeout=timeout, socket_connect_timeout=timeout,
-                          retry=Retry(NoBackoff(), 0), health_check_interval=0)
+def redis_password(cfg: SchedulerConfig) -> str | None:
+    """The password from ``--scheduler-password-file`` (its first line, stripped) or the flag."""
+    if not cfg.password_file:
+        return cfg.password or None
+    try:
+        with open(cfg.password_file, encoding="utf-8") as file:
+            password = file.readline().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the Redis password file {cfg.password_file}: "
+                          f"{exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the Redis password file {cfg.password_file} is not UTF-8 text") from exc
+    if not password:
+        raise ConfigError(f"the Redis password file {cfg.password_file} is empty")
+    return password
+
+
+def _tls_options(cfg: SchedulerConfig) -> dict[str, Any]:
+    if not cfg.tls:
+        return {}
+    files = (("ca", cfg.tls_ca_file), ("cert", cfg.tls_cert_file), ("key", cfg.tls_key_file))
+    for flag, path in files:
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"cannot read --scheduler-tls-{flag}-file {path}: "
+                                  f"{exc.strerror or exc}") from exc
+    return {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True,
+            "ssl_ca_certs": cfg.tls_ca_file or None, "ssl_certfile": cfg.tls_cert_file or None,
+            "ssl_keyfile": cfg.tls_key_file or None}
+
+
+def connect(cfg: SchedulerConfig, timeout: float | None = None) -> aioredis.Redis:
+    """An asyncio client that fails fast: callers decide when to retry. The default timeout is
+    0.5 s, 2 s over TLS (a handshake to a remote Redis takes round trips of its own).
+
+    Raises ``ConfigError`` when the password file or a TLS file cannot be read."""
+    if timeout is None:
+        timeout = 2.0 if cfg.tls else 0.5
+    return aioredis.Redis(host=cfg.host, port=cfg.port, db=cfg.db, username=cfg.username or None,
+                          password=redis_password(cfg), socket_timeout=timeout,
+                          socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                          health_check_interval=0, **_tls_options(cfg))
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a redis-py error, if any (redis-py wraps it, keeping the context)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _tls_reason(error: ssl.SSLError, cfg: SchedulerConfig) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        trusted = cfg.tls_ca_file or "the system's CAs"
+        return f"Redis's certificate did not verify against {trusted}: {error.verify_message}"
+    reason = error.reason or ""
+    if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+        ours = cfg.tls_cert_file or "none given"
+        return f"Redis refused our client certificate ({ours}): {reason.lower().replace('_', ' ')}"
+    return " ".join(str(error).split())
+
+
+def access_error(exc: BaseException, cfg: SchedulerConfig) -> ConfigError | RegistryUnavailable:
+    """Translate a redis-py (or socket) error: Redis refused us (a fix in our configuration or
+    Redis's is needed) is a ``ConfigError``; Redis could not be reached (yet) is
+    ``RegistryUnavailable``. Messages are one line."""
+    where = f"Redis at {cfg.host}:{cfg.port}"
+    user = f"user {cfg.username!r}" if cfg.username else "the default user"
+    text = " ".join(str(exc).split())
+    tls_error = _ssl_error(exc)
+    if tls_error is not None:
+        return ConfigError(f"TLS to {where} failed: {_tls_reason(tls_error, cfg)}")
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        if not (cfg.password or cfg.password_file):
+            return ConfigError(f"{where} refused {user} without a password (give "
+                               f"--scheduler-password-file): {text}")
+        return ConfigError(f"{where} refused the login of {user}: {text}")
+    if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.BusyLoadingError,
+                        redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)):
+        return RegistryUnavailable(text)  # Redis's own state; it may pass
+    if isinstance(exc, (redis.exceptions.ResponseError, redis.exceptions.AuthorizationError)):
+        # NOPERM, a refusal inside the heartbeat script, READONLY (a replica), MOVED (a cluster)
+        return ConfigError(f"{where} refused a command p2psched needs for {user}: {text} "
+                           f"(see 'Securing the registry' in docs/registry.md)")
+    return RegistryUnavailable(text or type(exc).__name__)
+
+
+async def verify_access(cfg: SchedulerConfig, timeout: float = 2.0) -> None:
+    """One pass over every command a node sends Redis, on our key names, with ``cfg``'s login
+    and TLS settings. Raises ``ConfigError`` when Redis refuses the TLS handshake, the login or
+    a command (ACL); ``RegistryUnavailable`` when it cannot be reached."""
+    registry = Registry(cfg, connect(cfg, timeout))
+    try:
+        await registry.probe()
+    except RegistryUnavailable as exc:
+        raise await _outage_or_refusal(exc, cfg, timeout) from exc.__cause__
+    finally:
+        try:
+            await registry.close()
+        except (redis.exceptions.RedisError, OSError):
+            pass
+
+
+async def _outage_or_refusal(exc: RegistryUnavailable, cfg: SchedulerConfig,
+                             timeout: float) -> ConfigError | RegistryUnavailable:
+    """What a ``RegistryUnavailable`` from a Registry call really was: ``access_error`` of its
+    cause, and over TLS a connection reset is asked again (``_tls_refusal``)."""
+    cause = exc.__cause__ or exc
+    error = access_error(cause, cfg)
+    if isinstance(error, RegistryUnavailable) and cfg.tls \
+            and isinstance(cause, redis.exceptions.ConnectionError) \
+            and not isinstance(cause, redis.exceptions.TimeoutError):
+        return await _tls_refusal(cfg, timeout) or error
+    return error
+
+
+async def _tls_refusal(cfg: SchedulerConfig, timeout: float) -> ConfigError | None:
+    """Ask again, quietly, whether Redis refuses our client certificate.
+
+    Under TLS 1.3 a server checks the client's certificate after the client has finished its
+    handshake, so redis-py's first command is already on the wire when the refusal comes; the
+    server then closes a socket with unread bytes, and the reset can overtake its alert. Here
+    we finish a handshake with the same settings and send nothing: a refusal arrives as the
+    alert, an acceptance as silence (or session tickets) until ``ALERT_WAIT_S``."""
+    context = ssl.create_default_context()
+    try:
+        if cfg.tls_cert_file:
+            context.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
+        if cfg.tls_ca_file:
+            context.load_verify_locations(cfg.tls_ca_file)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(cfg.host, cfg.port, ssl=context), timeout)
+    except ssl.SSLError as exc:
+        return ConfigError(f"TLS to Redis at {cfg.host}:{cfg.port} failed: {_tls_reason(exc, cfg)}")
+    except (OSError, TimeoutError):
+        return None
+    try:
+        await asyncio.wait_for(reader.read(1), _ALERT_WAIT_S)
+    except ssl.SSLError as exc:
+        return ConfigError(f"TLS to Redis at {cfg.host}:{cfg.port} failed: {_tls_reason(exc, cfg)}")
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), _ALERT_WAIT_S)
+        except (OSError, TimeoutError):
+            pass
+    return None
 
 
 class Registry:
@@ -122,6 +305,33 @@ class Registry:
     @property
     def keys(self) -> Keys:
         return self._keys
+
+    async def probe(self) -> None:
+        """Send each command a node uses, once, with a throw-away member, then remove it.
+
+        The record written lacks the fields readers require, so a reader that meets it before
+        we delete it prunes it as expired; it also expires by itself within ten seconds (a
+        script refused after its ``HSET`` leaves it behind when ``DEL`` is refused too).
+        Raises ``access_error``'s translation of any failure."""
+        probe_id = f"probe-{uuid.uuid4().hex}"
+        node_key, load_key = self._keys.node_in_shard(0, probe_id), self._keys.load(0)
+        try:
+            await self._client.script_load(_HEARTBEAT)  # after a Redis restart, EVALSHA needs it
+            await self._script(keys=[node_key, load_key],
+                               args=[_PROBE_TTL_MS, 0, probe_id, "probe", "1"])
+            await self._client.zrevrange(load_key, 0, 0)
+            await self._client.hgetall(node_key)
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(node_key)
+                pipe.zrem(load_key, probe_id)
+                await pipe.execute()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            # A script refused half-way keeps its earlier writes: remove them if we may.
+            try:
+                await self._client.delete(node_key)
+            except (redis.exceptions.RedisError, OSError):
+                pass
+            raise access_error(exc, self._cfg) from exc
 
     async def heartbeat(self, record: NodeRecord) -> None:
         """Write the record, refresh its TTL and its load score, atomically. Also registers."""
@@ -206,8 +416,13 @@ async def _list_once(cfg: SchedulerConfig, as_json: bool, model: str | None) -> 
     registry = Registry(cfg, connect(cfg, timeout=2.0))
     try:
         records = await registry.nodes()
+    except RegistryUnavailable as exc:  # a refused login or certificate is no outage
+        raise await _outage_or_refusal(exc, cfg, 2.0) from exc.__cause__
     finally:
-        await registry.close()
+        try:
+            await registry.close()
+        except (redis.exceptions.RedisError, OSError):
+            pass
     if as_json:
         return json.dumps([asdict(r) for r in records if not model or r.model_id == model], indent=2)
     return _table(records, model)
@@ -219,7 +434,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler-host", "--host", dest="host", default="127.0.0.1")
     parser.add_argument("--scheduler-port", "--port", dest="port", type=int, default=6379)
     parser.add_argument("--scheduler-db", "--db", dest="db", type=int, default=0)
+    parser.add_argument("--scheduler-username", "--username", dest="username", default="",
+                        help="Redis ACL user (default: the default user)")
     parser.add_argument("--scheduler-password", "--password", dest="password", default="")
+    parser.add_argument("--scheduler-password-file", "--password-file", dest="password_file",
+                        default="", help="read the Redis password from this file's first line")
+    parser.add_argument("--scheduler-tls", "--tls", dest="tls", action="store_true",
+                        help="connect to Redis over TLS")
+    parser.add_argument("--scheduler-tls-ca-file", "--tls-ca-file", dest="tls_ca_file", default="",
+                        help="CA certificate(s) that signed Redis's certificate "
+                             "(default: the system's)")
+    parser.add_argument("--scheduler-tls-cert-file", "--tls-cert-file", dest="tls_cert_file",
+                        default="", help="client certificate for Redis (tls-auth-clients)")
+    parser.add_argument("--scheduler-tls-key-file", "--tls-key-file", dest="tls_key_file",
+                        default="", help="the client certificate's key")
     parser.add_argument("--scheduler-topic", "--topic", dest="topic", default="default")
     parser.add_argument("--scheduler-load-shards-num", "--shards", dest="shards", type=int, default=1)
     parser.add_argument("--model", default=None, help="only nodes serving this model id")
@@ -228,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="refresh every SECONDS (default 1) until Ctrl-C")
     args = parser.parse_args(argv)
     try:
-        cfg = SchedulerConfig(host=args.host, port=args.port, db=args.db, password=args.password,
+        cfg = SchedulerConfig(host=args.host, port=args.port, db=args.db, username=args.username,
+                              password=args.password, password_file=args.password_file,
+                              tls=args.tls, tls_ca_file=args.tls_ca_file,
+                              tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
                               topic=args.topic, load_shards_num=args.shards)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -241,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print("\x1b[2J\x1b[H" + time.strftime("%H:%M:%S ") + text, flush=True)
             time.sleep(args.watch)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except RegistryUnavailable as exc:
         print(f"error: cannot reach Redis at {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
     PENDING --admit--> RUNNING --finish--> FINISHED
     PENDING --grant--> LEASED  --finish--> FINISHED
     LEASED  --lease expired--> PENDING (pinned: the origin finishes it itself)
+    LEASED  --handed back--> PENDING (the thief cannot run it; never granted to that thief again)
     any live state --> FAILED (deadline, engine failure) | CANCELLED (client gone)
 
 Transitions are data (``TRANSITIONS``); anything else raises ``IllegalTransition``.
@@ -43,7 +44,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling: Sampling
     arrival: float
-    deadline: float  # while pending or leased; a request running here has no deadline
+    deadline: float  # by which it must have started running somewhere (--scheduler-ttl after arrival)
     state: State = State.PENDING
     delivered_token_ids: list[int] = field(default_factory=list)
     epoch: int = 0  # bumped each time a lease is fenced
@@ -51,6 +52,8 @@ class Request:
     is_pinned: bool = False  # never granted to a thief (resumed, or itself stolen)
     served_by: str = ""  # node name that produced the latest tokens
     origin_id: str = ""  # for stolen-in requests: the node to stream tokens to
+    has_started: bool = False  # some engine admitted it: the deadline no longer applies
+    refused_by: set[str] = field(default_factory=set)  # thieves that handed it back as "cannot run"
 
     @property
     def is_done(self) -> bool:

@@ -8,38 +8,61 @@ plays both roles of the protocol:
 - origin/victim: own requests wait in ``pending``; thieves take some via ``on_steal``; their
   token streams come back through ``on_tokens`` under leases (see ``leases.py``).
 - thief: ``on_grant`` takes tasks, which run here pinned; engine output for them becomes
-  ``Tokens`` messages, one per origin per step (see ``thief.py``).
+  ``Tokens`` messages, one per origin per step (see ``thief.py``). A task this node cannot run
+  (its engine refuses it, it waited past its deadline, the node is draining) goes back to its
+  origin at once in a ``Handback``; the origin runs it or grants it to someone else.
+
+Deadlines (``--scheduler-ttl``, FastDeploy's meaning): a request must *start* running on some
+engine within the TTL of its arrival, or its client gets an error. Once an engine admitted it
+(here, or on a thief: the thief says so in a heartbeat sent at admission, and its first tokens
+say so too) it has no deadline, wherever it runs and however often it is resumed.
+
+Heartbeats vouch for progress: a thief renews its leases only while its engine is stepping
+(``tick(..., engine_ok=False)`` sends none), so the origins of a hung engine take their
+requests back after one lease timeout.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 from dataclasses import dataclass, field
 
 from . import PROTOCOL_VERSION
 from .engine import EngineLimits, EngineOutput, EngineRequest
-from .errors import RequestRejected
+from .errors import ProtocolError, RequestRejected
 from .leases import LeaseTable, Verdict
 from .pending import PendingQueue
 from .policy import select_grant
 from .protocol import (
+    MAX_GRANT_BYTES,
     Ack,
     Cancel,
     FinishReason,
     Grant,
     GrantReason,
+    Handback,
+    HandbackItem,
+    HandbackReason,
     Heartbeat,
     HeartbeatAck,
+    LeaseRef,
     Message,
     Sampling,
     Steal,
     Task,
     TokenItem,
     Tokens,
+    checked_task_frame,
+    encode,
 )
 from .request import Request, State
 from .stats import Stats
 from .thief import RemoteTasks
+
+log = logging.getLogger(__name__)
+
+GRANT_OVERHEAD_BYTES = 1024  # a grant's own fields, beside its tasks
 
 
 @dataclass
@@ -133,8 +156,9 @@ class Scheduler:
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, now: float) -> Request:
         if len(self.pending) >= self.params.max_queue_len:
             raise RequestRejected("the server's queue is full; retry later", 503, "server_overloaded")
-        if len(prompt_token_ids) + sampling.max_tokens > self.params.limits.max_kv_tokens:
-            raise RequestRejected("prompt plus max_tokens exceed this server's KV capacity", 400)
+        refusal = self.params.limits.refusal(prompt_token_ids, sampling)
+        if refusal is not None:
+            raise RequestRejected(refusal.message, 400, refusal.code, refusal.param)
         request = Request(request_id, prompt_token_ids, sampling, now, now + self.params.ttl)
         self.requests[request_id] = request
         self.pending.push_back(request)
@@ -155,8 +179,10 @@ class Scheduler:
     # ---- engine side ----
 
     def admit(self, now: float) -> Effects:
-        """Move pending requests into the engine while it has slots and KV room."""
+        """Move pending requests into the engine while it has slots and KV room. Origins of
+        stolen tasks that start hear it at once (a heartbeat): their deadlines no longer apply."""
         fx = Effects()
+        started: dict[str, list[LeaseRef]] = {}
         while self.pending and self.free_slots > 0:
             request = self.pending.head()
             assert request is not None
@@ -168,10 +194,15 @@ class Scheduler:
                 self._finish(request, "length", fx, now)
                 continue
             request.transition(State.RUNNING)
+            request.has_started = True
             self.running[request.request_id] = request
             self._reserved_tokens += self._reservation(request)
             fx.engine_add.append(EngineRequest(request.request_id, request.prompt_token_ids,
                                                request.sampling, list(request.delivered_token_ids)))
+            if request.origin_id:
+                started.setdefault(request.origin_id, []).append(LeaseRef(request.request_id, request.epoch, True))
+        for origin_id, refs in started.items():
+            fx.to_origin.append((origin_id, Heartbeat(PROTOCOL_VERSION, self.params.node_id, refs)))
         return fx
 
     def on_engine_outputs(self, outputs: list[EngineOutput], busy_s: float, now: float) -> Effects:
@@ -182,6 +213,12 @@ class Scheduler:
             request = self.running.get(out.request_id)
             if request is None:
                 continue  # aborted while the step ran
+            if request.origin_id and out.finish_reason == "error" and not out.new_token_ids:
+                # The engine refused a stolen task after all: its origin runs it instead.
+                fx.to_origin.append((request.origin_id, self._handback([request], "cannot_run")))
+                self.remote.revoke(request.origin_id, request.request_id)
+                self._drop_stolen_in(request.request_id, fx)
+                continue
             request.delivered_token_ids += out.new_token_ids
             if request.origin_id:
                 item = self.remote.item_for(request.request_id, out.new_token_ids, out.finish_reason, now)
@@ -214,39 +251,102 @@ class Scheduler:
 
     # ---- victim side: a thief asks for work ----
 
-    def on_steal(self, steal: Steal, now: float) -> Grant:
+    def on_steal(self, steal: Steal, now: float) -> tuple[Grant, bytes]:
+        """The grant and its frame. Every task is checked against the protocol and the grant
+        against its size cap *before* anything is leased, so a grant that is recorded is one the
+        thief decodes whole."""
         reason: GrantReason = "ok"
-        tasks: list[Task] = []
+        chosen: list[tuple[Request, Task]] = []
         if not self.is_accepting_steals:
             reason = "not_accepting"
         elif steal.model_id != self.params.model_id:
             reason = "model_mismatch"
         else:
-            for request in select_grant(self.pending.from_back(), self.pending.total_work,
-                                        steal.max_requests, steal.max_tokens):
-                self.pending.remove(request)
-                request.transition(State.LEASED)
-                self.leases.grant(request.request_id, steal.thief_id, steal.thief_name, request.epoch, now)
-                tasks.append(Task(request.request_id, self.params.node_id, self.params.node_name, request.epoch,
-                                  request.prompt_token_ids, list(request.delivered_token_ids),
-                                  request.sampling, request.deadline))
-            self.stats.stolen_out += len(tasks)
-            reason = "ok" if tasks else "empty"
-        return Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, tasks, len(self.pending), reason)
+            size = GRANT_OVERHEAD_BYTES
+            for request in select_grant(self.pending.from_back(), self.pending.total_work, steal.max_requests,
+                                        steal.max_tokens, steal.max_model_len, steal.thief_id):
+                task = Task(request.request_id, self.params.node_id, self.params.node_name, request.epoch,
+                            request.prompt_token_ids, list(request.delivered_token_ids), request.sampling,
+                            request.deadline)
+                try:
+                    task_bytes = len(checked_task_frame(task))
+                except ProtocolError as exc:  # cannot happen for a request the HTTP schema accepted
+                    log.error("request %s cannot be sent to a peer (%s): it runs here", request.request_id, exc)
+                    request.is_pinned = True
+                    self.stats.unsendable += 1
+                    continue
+                if size + task_bytes > MAX_GRANT_BYTES:
+                    break
+                size += task_bytes
+                chosen.append((request, task))
+            reason = "ok" if chosen else "empty"
+        grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [task for _, task in chosen],
+                      len(self.pending) - len(chosen), reason)
+        try:
+            frame = encode(grant)
+        except ProtocolError as exc:  # nothing is leased yet: answer empty instead
+            log.error("grant for %s not sendable (%s): answering empty", steal.thief_name, exc)
+            grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [], len(self.pending), "empty")
+            return grant, encode(grant)
+        for request, _ in chosen:
+            self.pending.remove(request)
+            request.transition(State.LEASED)
+            self.leases.grant(request.request_id, steal.thief_id, steal.thief_name, request.epoch, now)
+        self.stats.stolen_out += len(chosen)
+        return grant, frame
+
+    def refuse_steal(self, steal: Steal, reason: GrantReason) -> tuple[Grant, bytes]:
+        """An empty grant with a reason the node decided (e.g. the thief is not a registered peer)."""
+        grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [], len(self.pending), reason)
+        return grant, encode(grant)
 
     # ---- thief side: tasks arrive, run, stream back ----
 
     def on_grant(self, grant: Grant, now: float) -> Effects:
-        fresh = [t for t in grant.tasks if t.request_id not in self.requests and t.deadline > now]
+        fx = Effects()
+        back: dict[HandbackReason, list[Task]] = {}
+        fresh: list[Task] = []
+        for task in grant.tasks:
+            if task.request_id in self.requests:
+                continue  # a duplicate grant: already ours
+            refusal = self.params.limits.refusal(task.prompt_token_ids, task.sampling)
+            if not self.is_accepting_steals:
+                back.setdefault("draining", []).append(task)
+            elif refusal is not None:
+                log.info("handing %s back to %s: %s", task.request_id, task.origin_name, refusal.message)
+                back.setdefault("cannot_run", []).append(task)
+            elif task.deadline <= now:
+                back.setdefault("expired", []).append(task)
+            else:
+                fresh.append(task)
+        for reason, tasks in back.items():
+            items = [HandbackItem(t.request_id, t.epoch, reason) for t in tasks]
+            fx.to_origin.append((tasks[0].origin_id, Handback(PROTOCOL_VERSION, self.params.node_id, items)))
+            self.stats.handed_back += len(items)
         for task in reversed(fresh):  # to the front, in grant order: they start next
             request = Request(task.request_id, list(task.prompt_token_ids), task.sampling, now, task.deadline,
                               delivered_token_ids=list(task.delivered_token_ids), epoch=task.epoch,
                               is_pinned=True, origin_id=task.origin_id)
             self.requests[task.request_id] = request
             self.pending.push_front(request)
+            heapq.heappush(self._deadlines, (task.deadline, task.request_id))
             self.remote.add(task, now)
         self.stats.stolen_in += len(fresh)
-        return self.admit(now)
+        return fx.extend(self.admit(now))
+
+    def hand_back_pending(self, reason: HandbackReason) -> Effects:
+        """Give every stolen task not started yet back to its origin (the node is draining)."""
+        fx = Effects()
+        by_origin: dict[str, list[Request]] = {}
+        for request in list(self.pending):
+            if request.origin_id:
+                by_origin.setdefault(request.origin_id, []).append(request)
+        for origin_id, requests in by_origin.items():
+            fx.to_origin.append((origin_id, self._handback(requests, reason)))
+            for request in requests:
+                self.remote.revoke(origin_id, request.request_id)
+                self._drop_stolen_in(request.request_id, fx)
+        return fx
 
     def on_ack(self, ack: Ack, now: float) -> None:
         self.remote.on_ack(ack.origin_id, ack.request_ids, now)
@@ -275,6 +375,7 @@ class Scheduler:
             verdict = self.leases.check_tokens(msg.thief_id, item.request_id, item.epoch, item.seq, now)
             request = self.requests.get(item.request_id)
             if verdict is Verdict.ACCEPT and request is not None and request.state is State.LEASED:
+                request.has_started = True
                 request.delivered_token_ids += item.token_ids
                 request.served_by = msg.thief_name
                 if item.finish_reason is not None:
@@ -301,30 +402,69 @@ class Scheduler:
         return fx
 
     def on_heartbeat(self, msg: Heartbeat, now: float) -> Effects:
-        revoked = [ref.request_id for ref in msg.leases
-                   if not self.leases.renew(msg.thief_id, ref.request_id, ref.epoch, now)]
+        revoked: list[str] = []
+        for ref in msg.leases:
+            if not self.leases.renew(msg.thief_id, ref.request_id, ref.epoch, now):
+                revoked.append(ref.request_id)
+            elif ref.is_running:
+                request = self.requests.get(ref.request_id)
+                if request is not None:
+                    request.has_started = True
         fx = Effects()
         fx.to_thief.append((msg.thief_id, HeartbeatAck(PROTOCOL_VERSION, self.params.node_id, revoked)))
         return fx
 
+    def on_handback(self, msg: Handback, now: float) -> Effects:
+        """A thief gives granted tasks back unrun: run them here (or grant them to another thief);
+        one that waited past its deadline fails as timed out."""
+        fx = Effects()
+        for item in msg.items:
+            request = self.requests.get(item.request_id)
+            if request is None or request.state is not State.LEASED \
+                    or not self.leases.renew(msg.thief_id, item.request_id, item.epoch, now):
+                continue  # not this thief's lease (any more): nothing to take back
+            self.leases.release(item.request_id)
+            self.stats.handbacks_received += 1
+            if item.reason == "expired":
+                self._end(request, State.FAILED, fx, error="request timed out waiting to be scheduled")
+                continue
+            if item.reason == "cannot_run":
+                request.refused_by.add(msg.thief_id)
+            request.transition(State.PENDING)
+            self.pending.push_front(request)
+        return fx.extend(self.admit(now))
+
     # ---- time passes ----
 
-    def tick(self, now: float) -> Effects:
+    def tick(self, now: float, engine_ok: bool = True) -> Effects:
+        """Time passes. ``engine_ok`` is False while this node's engine is stuck in a step: its
+        heartbeats then stop vouching for the tasks it runs for others."""
         fx = Effects()
         for lease in self.leases.expired(now):
             request = self.requests.get(lease.request_id)
             self.stats.lease_expiries += 1
             if request is not None and request.state is State.LEASED:
                 self._resume(request, lease.thief_id, "lease expired", fx)
+        expired: dict[str, list[Request]] = {}
         while self._deadlines and self._deadlines[0][0] <= now:
             _, request_id = heapq.heappop(self._deadlines)
             request = self.requests.get(request_id)
-            if request is not None and request.state in (State.PENDING, State.LEASED):
+            if request is None or request.has_started or request.state not in (State.PENDING, State.LEASED):
+                continue
+            if request.origin_id:  # a stolen task that never started here: its origin fails it
+                expired.setdefault(request.origin_id, []).append(request)
+            else:
                 self._end(request, State.FAILED, fx, error="request timed out waiting to be scheduled")
+        for origin_id, requests in expired.items():
+            fx.to_origin.append((origin_id, self._handback(requests, "expired")))
+            for request in requests:
+                self.remote.revoke(origin_id, request.request_id)
+                self._drop_stolen_in(request.request_id, fx)
         if now - self._last_heartbeat >= self.params.heartbeat_interval:
             self._last_heartbeat = now
-            for origin_id, refs in self.remote.heartbeats().items():
-                fx.to_origin.append((origin_id, Heartbeat(PROTOCOL_VERSION, self.params.node_id, refs)))
+            if engine_ok:
+                for origin_id, refs in self.remote.heartbeats(self._is_running).items():
+                    fx.to_origin.append((origin_id, Heartbeat(PROTOCOL_VERSION, self.params.node_id, refs)))
             again, given_up = self.remote.retransmits(now, self.params.heartbeat_interval)
             for origin_id, item in again:
                 fx.to_origin.append((origin_id, self._tokens([item])))
@@ -338,6 +478,15 @@ class Scheduler:
 
     def _tokens(self, items: list[TokenItem]) -> Tokens:
         return Tokens(PROTOCOL_VERSION, self.params.node_id, self.params.node_name, items)
+
+    def _handback(self, requests: list[Request], reason: HandbackReason) -> Handback:
+        self.stats.handed_back += len(requests)
+        return Handback(PROTOCOL_VERSION, self.params.node_id,
+                        [HandbackItem(r.request_id, r.epoch, reason) for r in requests])
+
+    def _is_running(self, request_id: str) -> bool:
+        request = self.requests.get(request_id)
+        return request is not None and request.state is State.RUNNING
 
     def _resume(self, request: Request, thief_id: str, why: str, fx: Effects) -> None:
         """Fence the thief (new epoch), cancel it best-effort, finish the request here."""

@@ -14,8 +14,9 @@ import sys
 
 from .cli import Parser
 from .config import NodeConfig, SchedulerConfig, SimEngineConfig
-from .errors import ConfigError
+from .errors import ConfigError, RegistryUnavailable
 from .node import Node
+from .registry import verify_access
 from .sim_engine import SimEngine, SimTokenizer
 
 log = logging.getLogger(__name__)
@@ -219,21 +220,39 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s " + (config.node_name or "node") + " %(name)s: %(message)s")
     from server.errors import ModelLoadError
 
+    if config.scheduler.is_global:
+        # Before the model loads: a refused login, ACL rule or certificate is one line and exit 2;
+        # a Redis that is only unreachable lets the node start and serve alone (DESIGN §4).
+        try:
+            asyncio.run(verify_access(config.scheduler))
+        except ConfigError as exc:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            return 2
+        except RegistryUnavailable as exc:  # the node warns when its first heartbeat fails too
+            log.debug("Redis unreachable before start: %s", exc)
     try:
         node = build_node(config)
     except (ConfigError, ModelLoadError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        import uvloop
-
-        uvloop.run(node.run())
-    except ImportError:
-        asyncio.run(node.run())
+        _run_loop(node)
+    except ConfigError as exc:  # a port in use, an address this host does not have: before serving
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_loop(node: Node) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(node.run())
+        return
+    uvloop.run(node.run())
 
 
 if __name__ == "__main__":

@@ -30,13 +30,22 @@ class Stats:
     token_messages_sent: int = 0
     token_items_forwarded: int = 0
     tokens_forwarded: int = 0  # token ids sent to origins
+    handed_back: int = 0  # stolen tasks given back to their origins unrun (cannot run, expired, draining)
+    handbacks_received: int = 0  # own tasks thieves gave back
+    unsendable: int = 0  # requests that failed the protocol check when granted (a bug if ever > 0)
     origin_losses: int = 0  # stolen-in tasks dropped because their origin went silent
     registry_errors: int = 0
-    sends_failed: int = 0  # ZeroMQ refused a send at once (peer gone, queue full)
+    sends_failed: int = 0  # a send refused at once (peer gone, its byte budget spent)
+    send_budget_refusals: int = 0  # of those, refused because the peer's queued bytes hit the budget
+    probes_sent: int = 0  # load probes sent to peers while the registry was unreachable
     busy_s: float = 0.0  # engine time spent in steps
     malformed: Counter[str] = field(default_factory=Counter)  # socket name -> frames dropped
+    unauthorized: Counter[str] = field(default_factory=Counter)  # socket name -> messages refused (who sent them)
+    loop_errors: Counter[str] = field(default_factory=Counter)  # loop -> unexpected errors contained
+    bad_peer_records: int = 0  # registry records skipped as unusable
 
     def as_dict(self) -> dict[str, object]:
         out = dataclasses.asdict(self)
-        out["malformed"] = dict(self.malformed)
+        for name in ("malformed", "unauthorized", "loop_errors"):
+            out[name] = dict(getattr(self, name))
         return out

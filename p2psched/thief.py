@@ -8,6 +8,7 @@ cancel that origin's tasks and free their slots. Pure: the clock is passed in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .protocol import FinishReason, LeaseRef, Task, TokenItem
@@ -79,12 +80,15 @@ class RemoteTasks:
         self._remove(request_id)
         return remote
 
-    def heartbeats(self) -> dict[str, list[LeaseRef]]:
-        """Per origin, the leases still running here (not yet finished)."""
+    def heartbeats(self, is_running: Callable[[str], bool]) -> dict[str, list[LeaseRef]]:
+        """Per origin, the leases still held here (not yet finished), each saying whether the
+        engine has started it."""
         out: dict[str, list[LeaseRef]] = {}
         for remote in self._tasks.values():
             if remote.final is None:
-                out.setdefault(remote.task.origin_id, []).append(LeaseRef(remote.task.request_id, remote.task.epoch))
+                request_id = remote.task.request_id
+                out.setdefault(remote.task.origin_id, []).append(
+                    LeaseRef(request_id, remote.task.epoch, is_running(request_id)))
         return out
 
     def retransmits(self, now: float, interval: float) -> tuple[list[tuple[str, TokenItem]], list[RemoteTask]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import urllib.request
@@ -65,3 +66,27 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60.0, interval: float 
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def register_fake_peer(cluster: Any, node_id: str, model_id: str, name: str = "fake", public_key: str = "") -> None:
+    """Write a registry record for a raw ZeroMQ test peer, so nodes treat it as a registered peer
+    (steals are served only to those). Its endpoints point nowhere; it only sends."""
+    import asyncio
+
+    from p2psched import PROTOCOL_VERSION
+    from p2psched.config import SchedulerConfig
+    from p2psched.registry import NodeRecord, Registry
+
+    topic = cluster.nodes[0].args[cluster.nodes[0].args.index("--scheduler-topic") + 1]
+    record = NodeRecord(node_id, name, PROTOCOL_VERSION, model_id, "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", "",
+                        time.time(), public_key=public_key)
+
+    async def write() -> None:
+        registry = Registry(dataclasses.replace(SchedulerConfig(), port=cluster.redis.port, topic=topic,
+                                                heartbeat_interval=100.0))
+        try:
+            await registry.heartbeat(record)
+        finally:
+            await registry.close()
+
+    asyncio.run(write())

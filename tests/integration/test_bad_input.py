@@ -24,7 +24,7 @@ GARBAGE = [
     b"",
     msgspec.msgpack.encode({"t": "steal", "v": PROTOCOL_VERSION, "steal_id": 5}),  # wrong types
     msgspec.msgpack.encode({"t": "what", "v": PROTOCOL_VERSION}),  # unknown type
-    encode(Steal(PROTOCOL_VERSION + 7, "s", "t", "n", "m", 1, 1)),  # unknown version
+    encode(Steal(PROTOCOL_VERSION + 7, "s", "t", "n", "m", 1, 1, 1)),  # unknown version
     b"\x91" + b"\x00" * (MAX_FRAME_BYTES + 10),  # oversized (under ZeroMQ's hard cap)
 ]
 
@@ -70,9 +70,10 @@ def test_garbage_on_both_zmq_sockets_is_counted_and_dropped(cluster_factory):
 
     liar.send(encode(Tokens(PROTOCOL_VERSION, "a-thief", "x", [TokenItem("r", 0, 0, [1])])))
     deadline = time.monotonic() + 10
-    while node.stats()["stats"]["malformed"].get("result", 0) < expected + 1 and time.monotonic() < deadline:
+    while node.stats()["stats"]["unauthorized"].get("result", 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert node.stats()["stats"]["malformed"]["result"] == expected + 1
+    assert node.stats()["stats"]["unauthorized"] == {"result": 1}  # well-formed, but not its to send
+    assert node.stats()["stats"]["malformed"] == {"steal": expected, "result": expected}
 
     body = complete(node.url, 3, 12)
     assert body["choices"][0]["token_ids"] == expected_for(3, 12)

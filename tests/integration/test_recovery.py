@@ -13,7 +13,7 @@ from p2psched.cluster import http_json
 from p2psched.protocol import Cancel, Grant, Steal, TokenItem, Tokens, decode, encode
 
 from .conftest import FAST
-from .helpers import complete, expected_for, prompt_for, stream, wait_for
+from .helpers import complete, expected_for, prompt_for, register_fake_peer, stream, wait_for
 
 
 
@@ -87,6 +87,8 @@ def test_fake_thief_repeated_steal_stale_epoch_and_resume(cluster_factory):
         futures = {i: pool.submit(complete, node.url, i, max_tokens) for i in range(n)}
         wait_for(lambda: node.stats()["load"]["pending"] >= 4)
 
+        register_fake_peer(cluster, "fake-thief", info["model_id"])
+        wait_for(lambda: "fake" in node.stats()["peers"], timeout=10)
         ctx = zmq.Context.instance()
         steal_sock = ctx.socket(zmq.DEALER)
         result_sock = ctx.socket(zmq.DEALER)
@@ -96,7 +98,7 @@ def test_fake_thief_repeated_steal_stale_epoch_and_resume(cluster_factory):
             sock.setsockopt(zmq.RCVTIMEO, 5000)
         steal_sock.connect(info["steal_endpoint"])
         result_sock.connect(info["result_endpoint"])
-        steal = Steal(PROTOCOL_VERSION, "steal-1", "fake-thief", "fake", info["model_id"], 1, 100_000)
+        steal = Steal(PROTOCOL_VERSION, "steal-1", "fake-thief", "fake", info["model_id"], 1, 100_000, 4096)
         steal_sock.send(encode(steal))
         first = steal_sock.recv()
         steal_sock.send(encode(steal))

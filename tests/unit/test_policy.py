@@ -26,11 +26,11 @@ def test_victim_ties_are_broken_at_random():
     assert len(firsts) > 1
 
 
-def grant(requests, max_requests, max_tokens):
+def grant(requests, max_requests, max_tokens, max_model_len=100_000, thief_id="thief"):
     queue = PendingQueue()
     for r in requests:
         queue.push_back(r)
-    return select_grant(queue.from_back(), queue.total_work, max_requests, max_tokens)
+    return select_grant(queue.from_back(), queue.total_work, max_requests, max_tokens, max_model_len, thief_id)
 
 
 def test_grant_never_takes_the_head_and_stops_near_half():

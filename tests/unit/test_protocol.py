@@ -10,9 +10,13 @@ from p2psched.protocol import (
     Ack,
     Cancel,
     Grant,
+    Handback,
+    HandbackItem,
     Heartbeat,
     HeartbeatAck,
     LeaseRef,
+    LoadReport,
+    Probe,
     Sampling,
     Steal,
     Task,
@@ -27,11 +31,14 @@ SAMPLING = Sampling(max_tokens=8, seed=42, temperature=0.7, top_p=0.9, top_k=5, 
 TASK = Task("origin-1", "origin", "node0", 3, [1, 2, 3], [7], SAMPLING, 1e9)
 
 MESSAGES = [
-    Steal(V, "s1", "thief", "node1", "model", 4, 1000),
+    Steal(V, "s1", "thief", "node1", "model", 4, 1000, 4096),
     Grant(V, "s1", "victim", [TASK], 5),
     Grant(V, "s2", "victim", [], 0, "empty"),
     Tokens(V, "thief", "node1", [TokenItem("origin-1", 3, 0, [5, 6]), TokenItem("origin-2", 0, 9, [1], "length", 10)]),
-    Heartbeat(V, "thief", [LeaseRef("origin-1", 3)]),
+    Heartbeat(V, "thief", [LeaseRef("origin-1", 3), LeaseRef("origin-2", 0, True)]),
+    Handback(V, "thief", [HandbackItem("origin-1", 3, "cannot_run"), HandbackItem("origin-2", 0, "expired")]),
+    Probe(V, "p1", "thief"),
+    LoadReport(V, "p1", "victim", 7, 700, 3),
     HeartbeatAck(V, "origin", ["origin-1"]),
     Ack(V, "origin", ["origin-1"]),
     Cancel(V, "origin", "origin-1", 3, "client_gone"),
@@ -49,7 +56,7 @@ def _raw(**fields):
 
 def _steal_fields(**override):
     fields = {"t": "steal", "v": V, "steal_id": "s", "thief_id": "t", "thief_name": "n", "model_id": "m",
-              "max_requests": 1, "max_tokens": 10}
+              "max_requests": 1, "max_tokens": 10, "max_model_len": 100}
     fields.update(override)
     return fields
 

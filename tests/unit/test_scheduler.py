@@ -15,6 +15,7 @@ from p2psched.errors import RequestRejected
 from p2psched.protocol import (
     Cancel,
     Grant,
+    Handback,
     Heartbeat,
     HeartbeatAck,
     Sampling,
@@ -85,13 +86,16 @@ class Pair:
                     dst.apply(dst.sched.on_heartbeat_ack(message, self.now))
                 elif isinstance(message, Cancel):
                     dst.apply(dst.sched.on_cancel(message, self.now))
+                elif isinstance(message, Handback):
+                    dst.apply(dst.sched.on_handback(message, self.now))
                 else:
                     dst.sched.on_ack(message, self.now)  # type: ignore[arg-type]
 
-    def steal(self, max_requests: int = 2) -> Grant:
-        steal = Steal(PROTOCOL_VERSION, "s1", "thief", "thief-name", "model", max_requests, 10_000)
-        grant = decode(encode(self.origin.sched.on_steal(steal, self.now)))
-        assert isinstance(grant, Grant)
+    def steal(self, max_requests: int = 2, max_model_len: int = 1000) -> Grant:
+        steal = Steal(PROTOCOL_VERSION, "s1", "thief", "thief-name", "model", max_requests, 10_000, max_model_len)
+        sent, frame = self.origin.sched.on_steal(steal, self.now)
+        grant = decode(frame)
+        assert grant == sent and isinstance(grant, Grant)
         self.thief.apply(self.thief.sched.on_grant(grant, self.now))
         return grant
 
@@ -213,7 +217,7 @@ def test_thief_drops_tasks_of_an_origin_that_went_silent():
 def test_pending_requests_past_their_deadline_fail():
     side = Side("solo")
     for i in range(3):
-        submit(side, i, 1000)
+        submit(side, i, 900)
     side.apply(side.sched.tick(now=31.0))
     assert side.client["req-2"][-1].error == "request timed out waiting to be scheduled"
     assert side.sched.stats.failed == 1
@@ -241,9 +245,9 @@ def test_model_mismatch_and_draining_give_empty_grants():
     side = Side("victim")
     for i in range(4):
         submit(side, i, 10)
-    other = Steal(PROTOCOL_VERSION, "s", "t", "n", "another-model", 4, 10_000)
-    assert side.sched.on_steal(other, 0.0).reason == "model_mismatch"
+    other = Steal(PROTOCOL_VERSION, "s", "t", "n", "another-model", 4, 10_000, 1000)
+    assert side.sched.on_steal(other, 0.0)[0].reason == "model_mismatch"
     side.sched.is_accepting_steals = False
-    same = Steal(PROTOCOL_VERSION, "s2", "t", "n", "model", 4, 10_000)
-    assert side.sched.on_steal(same, 0.0).reason == "not_accepting"
+    same = Steal(PROTOCOL_VERSION, "s2", "t", "n", "model", 4, 10_000, 1000)
+    assert side.sched.on_steal(same, 0.0)[0].reason == "not_accepting"
     assert len(side.sched.pending) == 2

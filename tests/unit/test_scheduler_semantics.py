@@ -1,0 +1,198 @@
+"""Issue 9's scheduler semantics, with the fake clock of ``test_scheduler.Pair``: grants checked
+before leasing, hand-backs, the TTL as a limit on waiting (wherever the request runs), heartbeats
+that vouch only for a progressing engine, and the stealer's backoff."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from p2psched import PROTOCOL_VERSION
+from p2psched.engine import EngineLimits
+from p2psched.policy import PeerLoad, StealBackoff
+from p2psched.protocol import (
+    MAX_FRAME_BYTES,
+    Grant,
+    Handback,
+    Heartbeat,
+    Sampling,
+    Steal,
+    decode,
+)
+from p2psched.request import State
+
+from .test_scheduler import LIMITS, Pair, Side, expected, submit
+
+
+def steal_from(side: Side, max_requests: int = 4, max_tokens: int = 10_000, max_model_len: int = 1000,
+               thief: str = "thief") -> Grant:
+    steal = Steal(PROTOCOL_VERSION, f"s-{side.sched.stats.stolen_out}", thief, thief + "-name", "model",
+                  max_requests, max_tokens, max_model_len)
+    grant, frame = side.sched.on_steal(steal, 0.0)
+    assert decode(frame) == grant
+    return grant
+
+
+def test_a_task_the_wire_would_refuse_is_never_leased():
+    """A request whose fields a peer's decoder refuses (here built around the HTTP schema) stays
+    home, pinned; the rest of the grant goes out whole and only what went out is leased."""
+    side = Side("victim")
+    for i in range(6):  # two run; req-2 is the head of the queue, never granted
+        submit(side, i, 10)
+    side.sched.requests["req-5"].sampling = Sampling(max_tokens=10, seed=5, top_k=1 << 40)
+    side.sched.requests["req-4"].sampling = Sampling(max_tokens=10, seed=4, top_k=1 << 64)  # not even encodable
+    assert steal_from(side).tasks == []  # the policy picked the two bad ones: pinned, nothing leased
+    assert side.sched.stats.unsendable == 2 and len(side.sched.leases) == 0
+    grant = steal_from(side)
+    assert [t.request_id for t in grant.tasks] == ["req-3"] and len(side.sched.leases) == 1
+    assert side.sched.requests["req-5"].is_pinned and side.sched.requests["req-5"].state is State.PENDING
+
+
+def test_grants_stop_at_the_byte_cap_and_lease_only_what_they_carry():
+    limits = dataclasses.replace(LIMITS, max_kv_tokens=10_000_000, max_model_len=400_000, vocab_size=100_000)
+    side = Side("victim")
+    side.sched.params = dataclasses.replace(side.sched.params, limits=limits)
+    for i in range(12):  # ~1.5 MB per task encoded: at most two fit in one frame
+        side.sched.submit(f"big-{i}", [70_000 + i] * 300_000, Sampling(max_tokens=10, seed=i), 0.0)
+    steal = Steal(PROTOCOL_VERSION, "s", "thief", "t", "model", 100, 10_000_000, 400_000)
+    grant, frame = side.sched.on_steal(steal, 0.0)
+    assert len(frame) <= MAX_FRAME_BYTES and 1 <= len(grant.tasks) < 6
+    assert len(side.sched.leases) == len(grant.tasks)
+    assert decode(frame) == grant
+
+
+def test_victims_grant_only_what_fits_the_thiefs_context():
+    side = Side("victim")
+    for i in range(6):
+        submit(side, i, 100 if i % 2 else 10)  # 103 or 13 tokens of context
+    grant = steal_from(side, max_model_len=50)
+    assert grant.tasks and all(len(t.prompt_token_ids) + t.sampling.max_tokens <= 50 for t in grant.tasks)
+
+
+def test_a_thief_that_cannot_run_a_task_hands_it_back_and_the_origin_runs_it():
+    """The thief's engine has a smaller vocabulary than the prompts need (as another refusal of
+    its engine would): the task comes back at once, the origin runs it,
+    and never grants it to that thief again."""
+    pair = Pair()
+    pair.thief.sched.params = dataclasses.replace(pair.thief.sched.params,
+                                                  limits=dataclasses.replace(LIMITS, vocab_size=2))
+    ids = [submit(pair.origin, i, 5) for i in range(8)]
+    granted: list[str] = []
+    for _ in range(4):  # the thief keeps asking; each task comes back, and is never offered to it again
+        grant = pair.steal(max_requests=2)
+        assert not set(t.request_id for t in grant.tasks) & set(granted)
+        granted += [t.request_id for t in grant.tasks]
+        assert not pair.thief.sched.requests
+        pair.deliver()
+    assert granted and pair.thief.sched.stats.handed_back == len(granted)
+    assert all("thief" in pair.origin.sched.requests[r].refused_by for r in granted)
+    assert all(pair.origin.sched.requests[r].state is State.PENDING for r in granted)
+    pair.run(100)
+    for i, rid in enumerate(ids):
+        assert pair.origin.tokens_of(rid) == expected(i, 5), rid
+    assert pair.origin.sched.stats.failed == 0 and pair.origin.sched.stats.handbacks_received == len(granted)
+
+
+def test_a_stolen_request_that_started_has_no_deadline():
+    """--scheduler-ttl bounds waiting: a stolen request streaming past the TTL is not failed
+    (the thief's heartbeat at admission told the origin it started)."""
+    pair = Pair()
+    ids = [submit(pair.origin, i, 20 if i < 3 else 500) for i in range(4)]
+    pair.steal(max_requests=1)
+    assert "req-3" in pair.thief.sched.running
+    pair.deliver()  # the admission heartbeat
+    assert pair.origin.sched.requests["req-3"].has_started
+    pair.now = 29.0
+    pair.run(200)  # well past ttl=30 s
+    assert pair.origin.sched.stats.failed == 0
+    pair.run(400)
+    for i, rid in enumerate(ids):
+        assert pair.origin.tokens_of(rid) == expected(i, 20 if i < 3 else 500), rid
+
+
+def test_a_request_that_never_started_fails_at_its_deadline_wherever_it_waits():
+    """Leased but stuck in the thief's queue past the TTL: the thief hands it back as expired
+    and the origin fails it (its client gets the timeout error)."""
+    pair = Pair()
+    pair.thief.sched.params = dataclasses.replace(pair.thief.sched.params,
+                                                  limits=dataclasses.replace(LIMITS, max_num_seqs=1))
+    for i in range(6):
+        submit(pair.origin, i, 900)
+    grant = pair.steal(max_requests=2)  # the thief runs one and queues the other
+    assert len(grant.tasks) == 2
+    rid = grant.tasks[1].request_id
+    assert pair.thief.sched.requests[rid].state is State.PENDING
+    pair.thief.apply(pair.thief.sched.tick(31.0))
+    assert rid not in pair.thief.sched.requests
+    pair.now = 31.0
+    pair.deliver()
+    assert pair.origin.client[rid][-1].error == "request timed out waiting to be scheduled"
+
+
+def test_heartbeats_stop_while_the_engine_is_stuck_so_the_origin_takes_the_work_back():
+    pair = Pair()
+    ids = [submit(pair.origin, i, 40) for i in range(4)]
+    pair.steal(max_requests=1)
+    pair.run(5)
+    for _ in range(300):  # the thief's engine is stuck in a step: no tokens, and no vouching
+        pair.now += 0.01
+        pair.origin.step(pair.now)
+        pair.origin.apply(pair.origin.sched.tick(pair.now))
+        pair.thief.apply(pair.thief.sched.tick(pair.now, engine_ok=False))
+        assert not any(isinstance(decode(f), Heartbeat) for _, f in pair.thief.outbox)
+        pair.deliver()
+    assert pair.origin.sched.stats.lease_expiries == 1
+    pair.run(100)
+    for i, rid in enumerate(ids):
+        assert pair.origin.tokens_of(rid) == expected(i, 40), rid
+
+
+def test_a_draining_thief_hands_back_what_it_has_not_started():
+    pair = Pair()
+    pair.thief.sched.params = dataclasses.replace(pair.thief.sched.params,
+                                                  limits=dataclasses.replace(LIMITS, max_num_seqs=1))
+    ids = [submit(pair.origin, i, 20) for i in range(8)]
+    grant = pair.steal(max_requests=3)
+    assert len(grant.tasks) == 3 and len(pair.thief.sched.running) == 1
+    fx = pair.thief.sched.hand_back_pending("draining")
+    assert [type(m) for _, m in fx.to_origin] == [Handback]
+    pair.thief.apply(fx)
+    pair.run(300)
+    for i, rid in enumerate(ids):
+        assert pair.origin.tokens_of(rid) == expected(i, 20), rid
+    assert pair.origin.sched.stats.handbacks_received == 2
+
+
+def test_handbacks_from_a_node_that_does_not_hold_the_lease_are_ignored():
+    pair = Pair()
+    for i in range(4):
+        submit(pair.origin, i, 20)
+    rid = pair.steal(max_requests=1).tasks[0].request_id
+    from p2psched.protocol import HandbackItem
+
+    forged = Handback(PROTOCOL_VERSION, "someone-else", [HandbackItem(rid, 0, "expired")])
+    pair.origin.apply(pair.origin.sched.on_handback(forged, 0.0))
+    assert pair.origin.sched.requests[rid].state is State.LEASED and rid not in pair.origin.client
+
+
+def test_steal_backoff_doubles_and_resets_on_news():
+    backoff = StealBackoff(base=0.1, cap=1.0)
+    peer = PeerLoad("v", "v", "m", "tcp://a:1", "tcp://a:2", pending=5)
+    assert backoff.is_ready(peer, 0.0)
+    now = 0.0
+    for wait in (0.1, 0.2, 0.4, 0.8, 1.0, 1.0):
+        backoff.fruitless(peer, now, 5)
+        assert not backoff.is_ready(peer, now + wait - 1e-6) and backoff.is_ready(peer, now + wait)
+        now += wait
+    backoff.fruitless(peer, now, 5)
+    assert not backoff.is_ready(peer, now) and backoff.is_ready(dataclasses.replace(peer, pending=6), now)
+    backoff.fruitless(peer, now, 5)
+    backoff.granted(peer)
+    assert backoff.is_ready(peer, now)
+
+
+def test_engine_limits_refuse_what_the_engine_cannot_run():
+    limits = EngineLimits(max_num_seqs=2, max_kv_tokens=100, max_model_len=50, vocab_size=10)
+    assert limits.refusal([1, 2], Sampling(max_tokens=10, seed=0)) is None
+    assert limits.refusal([1] * 45, Sampling(max_tokens=10, seed=0)).code == "context_length_exceeded"
+    assert limits.refusal([10], Sampling(max_tokens=1, seed=0)).param == "prompt"
+    assert limits.refusal([1], Sampling(max_tokens=1, seed=0, stop=["x"])).param == "stop"
