@@ -18,6 +18,7 @@ A client that disconnects cancels its request wherever it runs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -29,6 +30,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from .containment import Containment
 from .errors import RequestRejected
 from .metrics import CONTENT_TYPE, NodeMetrics
 from .node import Handle, Node
@@ -42,16 +44,28 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 16
 
 
-@web.middleware
-async def _errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                          ) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+def _errors_as_json(containment: Containment) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """aiohttp's own errors in OpenAI's format; anything else a handler raises is contained
+    (counted in ``loop_errors["http"]``, logged once a minute) and answered 500 in that format."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            return error_response(exc.status, exc.reason or "error", kind)
+        except (asyncio.CancelledError, ConnectionResetError):
             raise
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        return error_response(exc.status, exc.reason or "error", kind)
+        except Exception as exc:  # a bug, not the client's fault: the node serves on
+            containment.record("http", request.remote, exc)
+            return error_response(500, "internal error while handling the request", "server_error",
+                                  code="internal_error")
+
+    return middleware
 
 
 class Rejected(Exception):
@@ -82,7 +96,7 @@ class HttpServer:
     def __init__(self, node: Node):
         self.node = node
         self.metrics = NodeMetrics(node)
-        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_as_json])
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_as_json(node.containment)])
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .protocol import (
     MAX_CONTEXT_TOKENS,
@@ -24,8 +24,20 @@ from .protocol import (
     MAX_TOP_K,
 )
 
+
+
+def _unicode(text: str) -> str:
+    """JSON may escape lone surrogates ("\\ud800"); no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (a lone surrogate escape is not)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
-StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -55,19 +67,19 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_CONTEXT_TOKENS)]
+    prompt: Text | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_CONTEXT_TOKENS)]
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def as_template_input(self) -> dict[str, str]:
         """Content parts (text only) are joined, as OpenAI's server reads them."""

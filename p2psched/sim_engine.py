@@ -49,7 +49,9 @@ class SimEngine:
         self._config = config
         self._limits = EngineLimits(max_num_seqs, config.kv_tokens, config.max_model_len, config.vocab_size)
         self._seqs: dict[str, _Seq] = {}
-        self.model_id = "sim-" + hashlib.blake2b(repr(config).encode(), digest_size=6).hexdigest()
+        # Tokens depend on the vocabulary only: nodes with other step costs or context lengths
+        # (heterogeneous clusters) steal from each other; a Steal carries the thief's max model len.
+        self.model_id = "sim-" + hashlib.blake2b(f"vocab={config.vocab_size}".encode(), digest_size=6).hexdigest()
 
     @property
     def limits(self) -> EngineLimits:

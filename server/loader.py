@@ -166,4 +166,5 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
         model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[assignment]
     model.eval()
     tokenizer = HFTokenizer(root / "tokenizer.json")
-    return LoadedModel(cfg, model, tokenizer, cfg.model_id(_weights_digest(files)), root.name, root)
+    # The id covers what changes tokens: config, weights and the dtype they run in.
+    return LoadedModel(cfg, model, tokenizer, cfg.model_id(f"{_weights_digest(files)}:{dtype}"), root.name, root)
