@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-5
 _MASK63 = (1 << 63) - 1
 _C1, _C2, _C3, _C4 = 0x1E3779B97F4A7C15, 0x3F58476D1CE4E5B9, 0x14D049BB133111EB, 0x2545F4914F6CDD1D
 
@@ -30,7 +31,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Below this, logits / temperature overflows to inf and softmax to NaN: it means greedy.
+        return self.temperature < MIN_TEMPERATURE
 
 
 def hash_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -71,5 +73,6 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
     drop |= before >= top_ps.unsqueeze(1)
+    drop[:, 0] = False  # the best token always stays (a top_p below float32's range rounds to 0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -207,3 +207,22 @@ def test_lone_surrogates_are_a_400(cluster_factory, text):
     status, body = http_json(node.url + "/v1/chat/completions",
                              {"messages": [{"role": "user", "content": text}], "max_tokens": 2})
     assert status == 400 and body["error"]["param"] == "messages"
+
+
+def test_extreme_sampling_fields_on_the_real_engine(cluster_factory):
+    """The sim engine ignores sampling fields; the tiny model's sampler gets the extremes too."""
+    node = cluster_factory(1, ["--max-num-seqs", "4"], base=["--engine", "real"], scheduler_name="local").nodes[0]
+    rows = [{"temperature": 100.0}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 5e-324},
+            {"temperature": 1.0, "top_k": MAX_TOP_K}, {"temperature": 0.7, "top_k": 1, "top_p": 1.0},
+            {"stop": ["\u00e9" * 256] * 16}, {"stop_token_ids": list(range(MAX_STOP_TOKEN_IDS))},
+            {"prompt": "x" * 500, "max_tokens": 4}]
+    with ThreadPoolExecutor(len(rows)) as pool:
+        answers = list(pool.map(lambda row: http_json(node.url + "/v1/completions",
+                                                      {"prompt": "hello", "max_tokens": 12, "seed": 3, **row}),
+                                rows))
+    for row, (status, body) in zip(rows, answers):
+        assert status == 200, (row, body)
+        assert body["choices"][0]["finish_reason"] in ("stop", "length"), row
+    greedy = http_json(node.url + "/v1/completions", {"prompt": "hello", "max_tokens": 12, "temperature": 0})[1]
+    assert answers[1][1]["choices"][0]["text"] == greedy["choices"][0]["text"]  # tiny temperature = greedy
+    assert node.is_healthy() and node.stats()["stats"]["loop_errors"] == {}

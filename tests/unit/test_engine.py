@@ -159,3 +159,21 @@ def test_warm_up_leaves_the_engine_giving_the_same_tokens():
     assert run(warmed, requests) == cold
     with pytest.raises(RuntimeError, match="before the first request"):
         warmed.warm_up()
+
+
+def test_extreme_sampling_values_are_well_defined():
+    """The smallest temperatures mean greedy (dividing by them would give inf and NaN), a top_k
+    past the vocabulary means no top-k, the smallest top_p keeps the single best token."""
+    import torch
+
+    from server.sampling import SamplingParams, sample
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    greedy = logits.argmax(dim=-1).tolist()
+    tiny = [SamplingParams(max_tokens=1, seed=i, temperature=5e-324) for i in range(4)]
+    assert sample(logits, tiny, [0] * 4) == greedy
+    sharp = [SamplingParams(max_tokens=1, seed=i, temperature=100.0, top_p=5e-324) for i in range(4)]
+    assert sample(logits, sharp, [3] * 4) == greedy
+    wide = [SamplingParams(max_tokens=1, seed=i, temperature=1.0, top_k=1 << 20) for i in range(4)]
+    assert sample(logits, wide, [0] * 4) == sample(logits, [SamplingParams(max_tokens=1, seed=i, temperature=1.0)
+                                                            for i in range(4)], [0] * 4)
