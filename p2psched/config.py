@@ -38,7 +38,7 @@ class SchedulerConfig:
     tls_cert_file: str = ""  # client certificate, for Redis configured with tls-auth-clients
     tls_key_file: str = ""
     topic: str = "default"  # namespace: only nodes with the same topic steal from each other
-    ttl: float = 900.0  # longest a request may wait or stay leased before its client gets an error
+    ttl: float = 900.0  # longest a request may wait before it first starts on some engine
     min_load_score: int = 3  # a peer is a victim only with at least this many pending requests
     load_shards_num: int = 1  # load index split into this many sorted sets
     heartbeat_interval: float = 1.0  # registry refresh; the node record expires after 3 of these

@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--scheduler-topic", default=s.topic,
                        help="namespace; only nodes with the same topic steal from each other (default %(default)s)")
     sched.add_argument("--scheduler-ttl", type=float, default=s.ttl,
-                       help="seconds a request may wait or stay leased before its client gets an error "
-                            "(default %(default)s)")
+                       help="seconds a request may wait before it first starts on some engine; then its "
+                            "client gets an error (default %(default)s)")
     sched.add_argument("--scheduler-min-load-score", type=int, default=s.min_load_score,
                        help="a peer is stolen from only with at least this many pending requests "
                             "(default %(default)s)")
