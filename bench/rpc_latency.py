@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 for mode, (steal_sock, result_sock) in socks.items():
                     suffix = "" if mode == "plain" else "_curve"
                     steal_us, tokens_us = _steal_and_tokens(steal_sock, result_sock, thief_id,
-                                                            infos[mode]["model_id"])
+                                                            infos[mode]["model_id"], infos[mode]["node_id"])
                     samples["steal" + suffix].append(steal_us)
                     samples["tokens" + suffix].append(tokens_us)
                 progress.advance(task)
@@ -149,10 +149,10 @@ NAMES = {"bare": "bare ZeroMQ echo (baseline)", "steal": "steal RPC (1-task gran
 
 
 def _steal_and_tokens(steal_sock: zmq.Socket[bytes], result_sock: zmq.Socket[bytes], thief_id: str,
-                      model_id: str) -> tuple[float, float]:
+                      model_id: str, victim_id: str) -> tuple[float, float]:
     """One steal round trip and one tokens -> ack round trip, in microseconds."""
     t1 = time.perf_counter()
-    steal_sock.send(encode(Steal(PROTOCOL_VERSION, uuid.uuid4().hex, thief_id, "bench", model_id, 1, 1_000_000,
+    steal_sock.send(encode(Steal(PROTOCOL_VERSION, uuid.uuid4().hex, victim_id, thief_id, "bench", model_id, 1, 1_000_000,
                                  1 << 16)))
     grant = decode(steal_sock.recv())
     t2 = time.perf_counter()

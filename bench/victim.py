@@ -33,7 +33,7 @@ async def main(num_requests: int, thief_id: str, curve: list[str]) -> None:
         node.scheduler.submit(f"bench-{i}", [1 + i % 200] * 64, Sampling(max_tokens=16, seed=i), time.time())
     runner = asyncio.create_task(node.run())
     await node.ready.wait()
-    print(json.dumps({"steal": node.steal_endpoint, "result": node.result_endpoint,
+    print(json.dumps({"node_id": node.node_id, "steal": node.steal_endpoint, "result": node.result_endpoint,
                       "model_id": node.engine.model_id,
                       "public_key": node.curve.public_key if node.curve else ""}), flush=True)
     await runner

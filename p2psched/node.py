@@ -412,6 +412,8 @@ class Node:
         cached = self._grants.get(message.steal_id)
         if cached is not None and cached[0] == message.thief_id:
             return cached[1]  # a repeated steal id gets the same grant
+        if message.victim_id != self.node_id:  # meant for a process that had our ports before us
+            return self.scheduler.refuse_steal(message, "wrong_node")[1]
         if message.thief_id in self.peers:
             grant, reply = self.scheduler.on_steal(message, time.time())
         else:  # not a registered peer of our topic (yet): look again soon; it will ask again
@@ -481,6 +483,8 @@ class Node:
         peers: dict[str, PeerLoad] = {}
         for record in records:
             if record.node_id == self.node_id or record.version != PROTOCOL_VERSION:
+                continue
+            if record.steal_endpoint == self.steal_endpoint:  # our predecessor on these ports, not yet expired
                 continue
             problem = record.problem()
             if problem is None and self.curve is not None and not record.public_key:
@@ -590,8 +594,8 @@ class Node:
                 break
             max_requests, max_tokens = capacity
             self.stats.steals_attempted += 1
-            steal = Steal(PROTOCOL_VERSION, uuid.uuid4().hex, self.node_id, self.name, self.engine.model_id,
-                          min(max_requests, 1024), max_tokens, self.engine.limits.max_model_len)
+            steal = Steal(PROTOCOL_VERSION, uuid.uuid4().hex, victim.node_id, self.node_id, self.name,
+                          self.engine.model_id, min(max_requests, 1024), max_tokens, self.engine.limits.max_model_len)
             grant = await self._links.steal(victim, steal, cfg.steal_timeout)
             if grant is None:
                 self.stats.steals_timed_out += 1

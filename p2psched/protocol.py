@@ -45,7 +45,7 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0.0, le=1e11)]  # finite: NaN and infinity fail the bounds
 FinishReason = Literal["stop", "length", "abort", "error"]
-GrantReason = Literal["ok", "empty", "model_mismatch", "not_accepting", "unknown_peer"]
+GrantReason = Literal["ok", "empty", "model_mismatch", "not_accepting", "unknown_peer", "wrong_node"]
 # Why a thief gives a task back unrun: its engine cannot run it, it waited past its deadline
 # before starting, or the thief is shutting down.
 HandbackReason = Literal["cannot_run", "expired", "draining"]
@@ -82,6 +82,7 @@ class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class Steal(_Base, frozen=True, tag="steal"):
     steal_id: Id
+    victim_id: Id  # the node the thief means: a process that took over its ports answers "wrong_node"
     thief_id: Id
     thief_name: Name
     model_id: Id

@@ -24,7 +24,7 @@ GARBAGE = [
     b"",
     msgspec.msgpack.encode({"t": "steal", "v": PROTOCOL_VERSION, "steal_id": 5}),  # wrong types
     msgspec.msgpack.encode({"t": "what", "v": PROTOCOL_VERSION}),  # unknown type
-    encode(Steal(PROTOCOL_VERSION + 7, "s", "t", "n", "m", 1, 1, 1)),  # unknown version
+    encode(Steal(PROTOCOL_VERSION + 7, "s", "v", "t", "n", "m", 1, 1, 1)),  # unknown version
     b"\x91" + b"\x00" * (MAX_FRAME_BYTES + 10),  # oversized (under ZeroMQ's hard cap)
 ]
 

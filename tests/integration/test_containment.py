@@ -226,3 +226,36 @@ def test_extreme_sampling_fields_on_the_real_engine(cluster_factory):
     greedy = http_json(node.url + "/v1/completions", {"prompt": "hello", "max_tokens": 12, "temperature": 0})[1]
     assert answers[1][1]["choices"][0]["text"] == greedy["choices"][0]["text"]  # tiny temperature = greedy
     assert node.is_healthy() and node.stats()["stats"]["loop_errors"] == {}
+
+
+def test_a_steal_meant_for_a_previous_process_on_these_ports_leases_nothing(cluster_factory):
+    """After a restart on the same ports, thieves may still address the old node id: the new
+    process answers "wrong_node" and leases nothing (the thief would have dropped the grant)."""
+    import zmq
+
+    from p2psched import PROTOCOL_VERSION
+    from p2psched.protocol import Grant, Steal, decode, encode
+
+    from .helpers import register_fake_peer
+
+    cluster = cluster_factory(1, ["--max-num-seqs", "1", "--sim-decode-step-ms", "20"])
+    node = cluster.nodes[0]
+    info = node.stats()
+    register_fake_peer(cluster, "thief-x", info["model_id"], name="thief-x")
+    wait_for(lambda: "thief-x" in node.stats()["peers"], timeout=10)
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(complete, node.url, i, 30) for i in range(6)]
+        wait_for(lambda: node.stats()["load"]["pending"] >= 4)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, b"thief-x")
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.connect(info["steal_endpoint"])
+        sock.send(encode(Steal(PROTOCOL_VERSION, "s1", "an-old-node-id", "thief-x", "x", info["model_id"], 4,
+                               100_000, 4096)))
+        grant = decode(sock.recv())
+        sock.close()
+        assert isinstance(grant, Grant) and grant.reason == "wrong_node" and grant.tasks == []
+        for i, future in enumerate(futures):
+            assert future.result(60)["choices"][0]["token_ids"] == expected_for(i, 30)
+    assert node.stats()["stats"]["stolen_out"] == 0

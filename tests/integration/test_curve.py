@@ -63,8 +63,8 @@ def _client(ctx: zmq.Context, endpoint: str, routing_id: str, keys: tuple[bytes,
     return sock
 
 
-def _ask(sock: zmq.Socket, thief_id: str, model_id: str) -> Grant | None:
-    sock.send(encode(Steal(PROTOCOL_VERSION, f"s-{time.monotonic_ns()}", thief_id, "t", model_id, 1, 10_000, 4096)))
+def _ask(sock: zmq.Socket, thief_id: str, model_id: str, victim_id: str) -> Grant | None:
+    sock.send(encode(Steal(PROTOCOL_VERSION, f"s-{time.monotonic_ns()}", victim_id, thief_id, "t", model_id, 1, 10_000, 4096)))
     try:
         reply = decode(sock.recv())
     except zmq.Again:
@@ -85,15 +85,15 @@ def test_a_peer_whose_key_is_not_allowed_is_refused(cluster_factory, tmp_path):
     ctx = zmq.Context()
     try:
         friend = _client(ctx, info["steal_endpoint"], "friend-id", keys["friend"], info["public_key"])
-        assert _ask(friend, "friend-id", info["model_id"]) is not None  # allowed: answered
+        assert _ask(friend, "friend-id", info["model_id"], info["node_id"]) is not None  # allowed: answered
         stranger = _client(ctx, info["steal_endpoint"], "stranger-id", keys["stranger"], info["public_key"])
-        assert _ask(stranger, "stranger-id", info["model_id"]) is None  # not allowed: the handshake fails
+        assert _ask(stranger, "stranger-id", info["model_id"], info["node_id"]) is None  # not allowed: the handshake fails
         plain = _client(ctx, info["steal_endpoint"], "friend-id-2", None, "")
-        assert _ask(plain, "friend-id-2", info["model_id"]) is None  # no CurveZMQ: no connection
+        assert _ask(plain, "friend-id-2", info["model_id"], info["node_id"]) is None  # no CurveZMQ: no connection
         # An allowed key speaking for another registered node (the routing id matches the claim,
         # the key does not): refused and counted.
         impostor = _client(ctx, info["steal_endpoint"], "stranger-id", keys["friend"], info["public_key"])
-        assert _ask(impostor, "stranger-id", info["model_id"]) is None
+        assert _ask(impostor, "stranger-id", info["model_id"], info["node_id"]) is None
         assert wait_for(lambda: node.stats()["stats"]["unauthorized"].get("steal", 0) == 1, timeout=5)
     finally:
         ctx.destroy(0)

@@ -98,7 +98,7 @@ def test_fake_thief_repeated_steal_stale_epoch_and_resume(cluster_factory):
             sock.setsockopt(zmq.RCVTIMEO, 5000)
         steal_sock.connect(info["steal_endpoint"])
         result_sock.connect(info["result_endpoint"])
-        steal = Steal(PROTOCOL_VERSION, "steal-1", "fake-thief", "fake", info["model_id"], 1, 100_000, 4096)
+        steal = Steal(PROTOCOL_VERSION, "steal-1", info["node_id"], "fake-thief", "fake", info["model_id"], 1, 100_000, 4096)
         steal_sock.send(encode(steal))
         first = steal_sock.recv()
         steal_sock.send(encode(steal))

@@ -31,7 +31,7 @@ SAMPLING = Sampling(max_tokens=8, seed=42, temperature=0.7, top_p=0.9, top_k=5, 
 TASK = Task("origin-1", "origin", "node0", 3, [1, 2, 3], [7], SAMPLING, 1e9)
 
 MESSAGES = [
-    Steal(V, "s1", "thief", "node1", "model", 4, 1000, 4096),
+    Steal(V, "s1", "victim", "thief", "node1", "model", 4, 1000, 4096),
     Grant(V, "s1", "victim", [TASK], 5),
     Grant(V, "s2", "victim", [], 0, "empty"),
     Tokens(V, "thief", "node1", [TokenItem("origin-1", 3, 0, [5, 6]), TokenItem("origin-2", 0, 9, [1], "length", 10)]),
@@ -55,7 +55,7 @@ def _raw(**fields):
 
 
 def _steal_fields(**override):
-    fields = {"t": "steal", "v": V, "steal_id": "s", "thief_id": "t", "thief_name": "n", "model_id": "m",
+    fields = {"t": "steal", "v": V, "steal_id": "s", "victim_id": "v", "thief_id": "t", "thief_name": "n", "model_id": "m",
               "max_requests": 1, "max_tokens": 10, "max_model_len": 100}
     fields.update(override)
     return fields

@@ -92,7 +92,7 @@ class Pair:
                     dst.sched.on_ack(message, self.now)  # type: ignore[arg-type]
 
     def steal(self, max_requests: int = 2, max_model_len: int = 1000) -> Grant:
-        steal = Steal(PROTOCOL_VERSION, "s1", "thief", "thief-name", "model", max_requests, 10_000, max_model_len)
+        steal = Steal(PROTOCOL_VERSION, "s1", "origin", "thief", "thief-name", "model", max_requests, 10_000, max_model_len)
         sent, frame = self.origin.sched.on_steal(steal, self.now)
         grant = decode(frame)
         assert grant == sent and isinstance(grant, Grant)
@@ -245,9 +245,9 @@ def test_model_mismatch_and_draining_give_empty_grants():
     side = Side("victim")
     for i in range(4):
         submit(side, i, 10)
-    other = Steal(PROTOCOL_VERSION, "s", "t", "n", "another-model", 4, 10_000, 1000)
+    other = Steal(PROTOCOL_VERSION, "s", "victim", "t", "n", "another-model", 4, 10_000, 1000)
     assert side.sched.on_steal(other, 0.0)[0].reason == "model_mismatch"
     side.sched.is_accepting_steals = False
-    same = Steal(PROTOCOL_VERSION, "s2", "t", "n", "model", 4, 10_000, 1000)
+    same = Steal(PROTOCOL_VERSION, "s2", "victim", "t", "n", "model", 4, 10_000, 1000)
     assert side.sched.on_steal(same, 0.0)[0].reason == "not_accepting"
     assert len(side.sched.pending) == 2

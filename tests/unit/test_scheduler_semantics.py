@@ -25,7 +25,7 @@ from .test_scheduler import LIMITS, Pair, Side, expected, submit
 
 def steal_from(side: Side, max_requests: int = 4, max_tokens: int = 10_000, max_model_len: int = 1000,
                thief: str = "thief") -> Grant:
-    steal = Steal(PROTOCOL_VERSION, f"s-{side.sched.stats.stolen_out}", thief, thief + "-name", "model",
+    steal = Steal(PROTOCOL_VERSION, f"s-{side.sched.stats.stolen_out}", side.sched.params.node_id, thief, thief + "-name", "model",
                   max_requests, max_tokens, max_model_len)
     grant, frame = side.sched.on_steal(steal, 0.0)
     assert decode(frame) == grant
@@ -53,7 +53,7 @@ def test_grants_stop_at_the_byte_cap_and_lease_only_what_they_carry():
     side.sched.params = dataclasses.replace(side.sched.params, limits=limits)
     for i in range(12):  # ~1.5 MB per task encoded: at most two fit in one frame
         side.sched.submit(f"big-{i}", [70_000 + i] * 300_000, Sampling(max_tokens=10, seed=i), 0.0)
-    steal = Steal(PROTOCOL_VERSION, "s", "thief", "t", "model", 100, 10_000_000, 400_000)
+    steal = Steal(PROTOCOL_VERSION, "s", "victim", "thief", "t", "model", 100, 10_000_000, 400_000)
     grant, frame = side.sched.on_steal(steal, 0.0)
     assert len(frame) <= MAX_FRAME_BYTES and 1 <= len(grant.tasks) < 6
     assert len(side.sched.leases) == len(grant.tasks)
