@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install install-runtime test unit integration typecheck demo bench gpu-check clean
+.PHONY: install install-runtime test unit integration typecheck demo bench chaos gpu-check clean
 
 # pyproject keeps a torch range; here we pin the CPU build that lies on this kind of machine, so
 # an unpinned install never pulls a multi-GB CUDA build. Override with TORCH_SPEC=... elsewhere.
@@ -42,6 +42,9 @@ integration: install
 
 demo: install-runtime
 	$(PY) -m bench.demo
+
+chaos: install-runtime
+	$(PY) -m bench.chaos
 
 bench: install
 	$(PY) -m bench.rpc_latency
