@@ -89,11 +89,13 @@ class SimEngineConfig:
     decode_ms_per_seq: float = 0.2  # extra per sequence in the batch
     decode_ms_per_kilotoken: float = 0.05  # extra per 1000 tokens of context in the batch
     kv_tokens: int = 65536  # KV capacity in tokens: prompt + max_tokens are reserved per request
+    stall_s: float = 0.0  # fault injection: on SIGUSR1 the next step hangs this long (0: SIGUSR1 not handled)
 
     def __post_init__(self) -> None:
         _check(2 <= self.vocab_size <= 1 << 24, "sim vocab size must be in 2..16M")
         _check(2 <= self.max_model_len <= MAX_CONTEXT_TOKENS, f"sim max model len must be in 2..{MAX_CONTEXT_TOKENS}")
-        for name in ("prefill_ms_per_token", "decode_step_ms", "decode_ms_per_seq", "decode_ms_per_kilotoken"):
+        for name in ("prefill_ms_per_token", "decode_step_ms", "decode_ms_per_seq", "decode_ms_per_kilotoken",
+                     "stall_s"):
             _check(getattr(self, name) >= 0, f"sim {name.replace('_', ' ')} must be >= 0")
         _check(self.kv_tokens >= self.max_model_len, "sim kv tokens must hold at least one full-length request")
 

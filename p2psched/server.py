@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 
 from .cli import Parser
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-prefill-ms-per-token", type=float, default=e.prefill_ms_per_token)
     sim.add_argument("--sim-kv-tokens", type=int, default=e.kv_tokens)
     sim.add_argument("--sim-max-model-len", type=int, default=e.max_model_len)
+    sim.add_argument("--sim-stall-s", type=float, default=e.stall_s,
+                     help="fault injection: on SIGUSR1 the next engine step hangs this many seconds, as a wedged "
+                          "accelerator would (default 0: SIGUSR1 is not handled)")
     return p
 
 
@@ -135,7 +139,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         steal_timeout=args.steal_timeout)
     sim = SimEngineConfig(decode_step_ms=args.sim_decode_step_ms, decode_ms_per_seq=args.sim_decode_ms_per_seq,
                           prefill_ms_per_token=args.sim_prefill_ms_per_token, kv_tokens=args.sim_kv_tokens,
-                          max_model_len=args.sim_max_model_len)
+                          max_model_len=args.sim_max_model_len, stall_s=args.sim_stall_s)
     return NodeConfig(host=args.host, advertise_host=args.advertise_host, port=args.port,
                       metrics_port=args.metrics_port, max_concurrent_requests=args.max_concurrent_requests,
                       steal_port=args.steal_port, result_port=args.result_port,
@@ -172,8 +176,10 @@ def build_node(config: NodeConfig) -> Node:
 
     if config.engine == "sim":
         sim_tokenizer = SimTokenizer()
-        return Node(config, SimEngine(config.sim, config.max_num_seqs), sim_tokenizer,
-                    lambda stop: TextStream(sim_tokenizer, stop), ChatTemplate())
+        sim_engine = SimEngine(config.sim, config.max_num_seqs)
+        if config.sim.stall_s > 0:
+            signal.signal(signal.SIGUSR1, lambda *_: sim_engine.stall_next_step(config.sim.stall_s))
+        return Node(config, sim_engine, sim_tokenizer, lambda stop: TextStream(sim_tokenizer, stop), ChatTemplate())
     import torch
 
     from server.engine import EngineConfig

@@ -49,6 +49,7 @@ class SimEngine:
         self._config = config
         self._limits = EngineLimits(max_num_seqs, config.kv_tokens, config.max_model_len, config.vocab_size)
         self._seqs: dict[str, _Seq] = {}
+        self._stall_s = 0.0
         # Tokens depend on the vocabulary only: nodes with other step costs or context lengths
         # (heterogeneous clusters) steal from each other; a Steal carries the thief's max model len.
         self.model_id = "sim-" + hashlib.blake2b(f"vocab={config.vocab_size}".encode(), digest_size=6).hexdigest()
@@ -76,8 +77,14 @@ class SimEngine:
               + c.decode_ms_per_kilotoken * context / 1000 + c.prefill_ms_per_token * prefill_tokens)
         return ms / 1000
 
+    def stall_next_step(self, seconds: float) -> None:
+        """Fault injection (the chaos suite sends SIGUSR1): the next step hangs this long, as a
+        wedged accelerator would, while the node's event loop runs on."""
+        self._stall_s = seconds
+
     def step(self) -> list[EngineOutput]:
-        cost_s = self.step_cost_s()
+        cost_s = self.step_cost_s() + self._stall_s
+        self._stall_s = 0.0
         if cost_s > 0:
             time.sleep(cost_s)
         outputs = []

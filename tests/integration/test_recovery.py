@@ -173,3 +173,29 @@ def test_a_thief_frees_the_slots_of_an_origin_that_died(cluster_factory):
     assert stats["load"]["pending"] == 0 and stats["stats"]["stolen_in_completed"] == 0
     assert thief.is_healthy()
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_a_thief_whose_engine_hangs_stops_vouching_and_its_work_is_resumed(cluster_factory):
+    """The thief's engine hangs in a step (SIGUSR1 -> --sim-stall-s) while its event loop runs
+    on: its heartbeats stop vouching for the stolen tasks, their leases lapse, the origin resumes
+    them, every stream is exact, and /health says engine_stalled meanwhile."""
+    import signal
+
+    cluster = cluster_factory(2, ["--max-num-seqs", "2", "--sim-decode-step-ms", "20"],
+                              per_node_args=[[], ["--sim-stall-s", "6"]])
+    origin, thief = cluster.nodes
+    n, max_tokens = 8, 150
+    with ThreadPoolExecutor(n) as pool:
+        futures = {i: pool.submit(stream, origin.url, i, max_tokens) for i in range(n)}
+        wait_for(lambda: thief.stats()["stats"]["token_items_forwarded"] > 0)
+        assert thief.proc is not None
+        thief.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: http_json(thief.url + "/health", timeout=2)[1].get("status") == "engine_stalled",
+                 timeout=10)
+        results = {i: f.result(timeout=120) for i, f in futures.items()}
+    for i, (chunks, last) in results.items():
+        assert [t for chunk in chunks for t in chunk] == expected_for(i, max_tokens), f"request {i}"
+    stats = origin.stats()["stats"]
+    assert stats["lease_expiries"] >= 1 and stats["resumed"] >= 1 and stats["failed"] == 0
+    assert any(last["p2psched"]["attempts"] > 1 for _, last in results.values())
+    wait_for(lambda: thief.is_healthy(), timeout=20)  # the step ends; the thief serves again
