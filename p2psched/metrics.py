@@ -65,6 +65,26 @@ class _NodeCollector:
             malformed.add_metric([node.name, socket_name], value)
         yield malformed
         yield counter("p2psched_registry_errors", "Failed registry round trips", s.registry_errors)
+        for metric, doc, label, values in (
+                ("p2psched_unauthorized_messages_dropped", "Well-formed messages refused: the sender may not "
+                 "speak for the node id it names", "socket", s.unauthorized),
+                ("p2psched_loop_errors", "Errors contained at a loop's boundary (a bug if ever > 0)", "loop",
+                 s.loop_errors)):
+            family = CounterMetricFamily(metric, doc, labels=["node", label])
+            for key, value in sorted(values.items()):
+                family.add_metric([node.name, key], value)
+            yield family
+        yield counter("p2psched_bad_peer_records", "Registry records skipped as unusable", s.bad_peer_records)
+        yield counter("p2psched_tasks_handed_back", "Stolen tasks given back to their origins unrun", s.handed_back)
+        yield counter("p2psched_handbacks_received", "Own tasks thieves gave back unrun", s.handbacks_received)
+        yield counter("p2psched_sends_failed", "Sends refused at once (no live peer, byte budget spent)",
+                      s.sends_failed)
+        yield counter("p2psched_send_budget_refusals", "Sends refused because the peer's queued bytes hit the budget",
+                      s.send_budget_refusals)
+        yield counter("p2psched_load_probes_sent", "Load probes sent while the registry was unreachable",
+                      s.probes_sent)
+        yield gauge("p2psched_send_queue_bytes", "Bytes handed to ZeroMQ that peers have not taken yet",
+                    node.queued_send_bytes)
         yield counter("p2psched_engine_busy_seconds", "Time the engine spent in steps", s.busy_s)
         load = node.scheduler.load()
         yield gauge("p2psched_queue_length", "Pending (not started) requests", load["pending"])

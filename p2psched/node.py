@@ -118,6 +118,7 @@ class Node:
         self._ctx = zmq.asyncio.Context()
         self._drops = DropLog(self.stats)
         self._sender = Sender(self.stats)
+        self._queued_send_bytes = 0
         self._links = PeerLinks(self._ctx, self.node_id, self._drops, self._sender, self.containment,
                                 self._on_grant, self._on_load, self._on_origin_message, self.curve)
         self._steal_sock = make_socket(self._ctx, zmq.ROUTER)
@@ -167,6 +168,10 @@ class Node:
     def num_in_flight(self) -> int:
         """Client requests accepted and not yet answered."""
         return len(self._handles)
+
+    @property
+    def queued_send_bytes(self) -> int:
+        return self._queued_send_bytes
 
     @property
     def is_engine_stalled(self) -> bool:
@@ -454,6 +459,7 @@ class Node:
             with self.containment.guard("ticker"):
                 self._apply(self.scheduler.tick(time.time(), engine_ok=not self.is_engine_stalled))
                 self._wake_stealer_if_idle()
+                self._queued_send_bytes = self._sender.queued_bytes()
 
     async def _watch_engine(self) -> None:
         assert self._runner is not None

@@ -99,7 +99,8 @@ class Sender:
         self._bytes: dict[tuple[int, bytes], int] = {}
 
     def queued_bytes(self) -> int:
-        """Bytes held for all peers right now (after forgetting what ZeroMQ has written)."""
+        """Bytes held for all peers right now. Also forgets what ZeroMQ has written or dropped
+        for peers we no longer send to (the node calls it every tick, which keeps the table small)."""
         for key in list(self._queued):
             self._settle(key)
         return sum(self._bytes.values())
