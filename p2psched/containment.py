@@ -48,7 +48,7 @@ class Containment:
     def guard(self, loop: str, source: object = "") -> Iterator[None]:
         try:
             yield
-        except Exception as exc:  # the boundary: count, log, carry on with the next input
+        except Exception as exc:  # noqa: BLE001 - the boundary: count, log, carry on with the next input
             self.record(loop, source, exc)
 
     def record(self, loop: str, source: object, exc: BaseException) -> None:

@@ -60,7 +60,7 @@ def _errors_as_json(containment: Containment) -> Callable[..., Awaitable[web.Str
             return error_response(exc.status, exc.reason or "error", kind)
         except (asyncio.CancelledError, ConnectionResetError):
             raise
-        except Exception as exc:  # a bug, not the client's fault: the node serves on
+        except Exception as exc:  # noqa: BLE001 - a bug, not the client's fault: the node serves on
             containment.record("http", request.remote, exc)
             return error_response(500, "internal error while handling the request", "server_error",
                                   code="internal_error")

@@ -66,8 +66,9 @@ class _NodeCollector:
         yield malformed
         yield counter("p2psched_registry_errors", "Failed registry round trips", s.registry_errors)
         for metric, doc, label, values in (
-                ("p2psched_unauthorized_messages_dropped", "Well-formed messages refused: the sender may not "
-                 "speak for the node id it names", "socket", s.unauthorized),
+                ("p2psched_unauthorized_messages_dropped",
+                 "Well-formed messages refused: the sender may not speak for the node id it names", "socket",
+                 s.unauthorized),
                 ("p2psched_loop_errors", "Errors contained at a loop's boundary (a bug if ever > 0)", "loop",
                  s.loop_errors)):
             family = CounterMetricFamily(metric, doc, labels=["node", label])

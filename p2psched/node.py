@@ -32,9 +32,11 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from . import PROTOCOL_VERSION
 from .config import NodeConfig
@@ -64,6 +66,9 @@ from .scheduler import ClientEvent, Effects, Scheduler, SchedulerParams
 from .security import CurveKeys, warn_if_open
 from .stats import Stats
 from .transport import DropLog, Sender, bind, make_socket
+
+if TYPE_CHECKING:
+    from .http_api import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +142,8 @@ class Node:
         self._rng = random.Random()
         self._runner: EngineRunner | None = None
         self._registry: Registry | None = None
-        self._auth: object | None = None
-        self._http: object | None = None
+        self._auth: AsyncioAuthenticator | None = None
+        self._http: HttpServer | None = None
 
     # ---- what the HTTP layer uses ----
 
@@ -272,9 +277,7 @@ class Node:
         log.info("node %s stopped", self.name)
 
     async def _close(self) -> None:
-        from .http_api import HttpServer
-
-        if isinstance(self._http, HttpServer):
+        if self._http is not None:
             await self._http.stop()
         if self._runner is not None:
             self._runner.stop()
@@ -284,7 +287,7 @@ class Node:
         if self._registry is not None:
             await self._registry.close()
         if self._auth is not None:
-            self._auth.stop()  # type: ignore[attr-defined]
+            self._auth.stop()
         self._ctx.term()
 
     async def _shutdown(self) -> None:
@@ -517,7 +520,7 @@ class Node:
         self._links.prune(set(peers) | self.scheduler.remote.origins())
         self._backoff.forget(set(peers))
         if self.curve is not None and self._auth is not None:
-            self.curve.reload_allow_list(self._auth)  # type: ignore[arg-type]
+            self.curve.reload_allow_list(self._auth)
 
     async def _register_first(self) -> None:
         assert self._registry is not None
@@ -550,7 +553,7 @@ class Node:
                     log.warning("registry unavailable (%s): serving on, stealing from %d last-known peer(s)",
                                 exc, len(self.peers))
                 self.is_registry_stale = True
-            except Exception as exc:  # what Redis returned made no sense: count it, keep heartbeating
+            except Exception as exc:  # noqa: BLE001 - what Redis returned made no sense: count it, go on
                 self.containment.record("registry", "redis", exc)
             await asyncio.sleep(PUBLISH_MIN_GAP_S)
             try:

@@ -25,7 +25,6 @@ from .protocol import (
 )
 
 
-
 def _unicode(text: str) -> str:
     """JSON may escape lone surrogates ("\\ud800"); no tokenizer can encode them."""
     try:

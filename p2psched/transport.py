@@ -16,7 +16,6 @@ import asyncio
 import ipaddress
 import logging
 import re
-import time
 from collections import deque
 
 import zmq
