@@ -190,4 +190,7 @@ class EngineRunner:
             log.exception("engine thread crashed")
             self._failure = exc
         finally:
-            self._loop.call_soon_threadsafe(self.stopped.set)
+            try:
+                self._loop.call_soon_threadsafe(self.stopped.set)
+            except RuntimeError:  # the node's loop closed first (it waits for us, but only so long)
+                pass

@@ -68,6 +68,13 @@ def _errors_as_json(containment: Containment) -> Callable[..., Awaitable[web.Str
     return middleware
 
 
+class _ClientGone(Exception):
+    """The streaming client closed its connection while we wrote to it."""
+
+    def __init__(self, response: web.StreamResponse):
+        self.response = response
+
+
 class Rejected(Exception):
     def __init__(self, response: web.Response):
         self.response = response
@@ -175,6 +182,8 @@ class HttpServer:
                 response = await (self._stream(request, job) if job.req.stream else self._collect(job))
                 is_finished = True
                 return response
+            except _ClientGone as gone:  # it hung up while we wrote: a disconnect, not an error
+                return gone.response
             finally:
                 if is_finished:
                     self.node.done(job.handle.request_id)
@@ -317,6 +326,13 @@ class HttpServer:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Request-Id": job.response_id})
         await response.prepare(request)
+        try:
+            await self._stream_events(response, job)
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError: the client closed
+            raise _ClientGone(response) from None
+        return response
+
+    async def _stream_events(self, response: web.StreamResponse, job: Job) -> None:
         envelope = self._envelope(job, chunk=True)
         text = self.node.text_stream(job.stop)
         include_usage = job.req.stream_options is not None and job.req.stream_options.include_usage
@@ -350,7 +366,6 @@ class HttpServer:
             await send(chunk)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-        return response
 
     def _done(self, job: Job, last: ClientEvent) -> None:
         self.metrics.e2e.observe(time.time() - job.handle.request.arrival)

@@ -76,6 +76,7 @@ TICK_S = 0.05
 PUBLISH_MIN_GAP_S = 0.05  # load changes reach Redis at most this often (and every heartbeat)
 PEER_REFRESH_MIN_GAP_S = 0.1  # an idle node with no victim re-reads the registry at most this often...
 GRANT_CACHE = 1024
+ENGINE_STOP_WAIT_S = 10.0
 KNOWN_KEYS = 4096  # node id -> public key of peers seen in the registry (node ids never reuse keys)
 
 
@@ -281,6 +282,10 @@ class Node:
             await self._http.stop()
         if self._runner is not None:
             self._runner.stop()
+            try:  # let the engine thread finish its step and say so while the loop still runs
+                await asyncio.wait_for(self._runner.stopped.wait(), ENGINE_STOP_WAIT_S)
+            except TimeoutError:
+                log.warning("engine thread still in a step after %.0f s; exiting anyway", ENGINE_STOP_WAIT_S)
         self._links.close()
         self._steal_sock.close(0)
         self._result_sock.close(0)

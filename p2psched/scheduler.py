@@ -445,6 +445,10 @@ class Scheduler:
             self.stats.lease_expiries += 1
             if request is not None and request.state is State.LEASED:
                 self._resume(request, lease.thief_id, "lease expired", fx)
+        if len(self._deadlines) > 2 * len(self.requests) + 1024:  # finished requests' entries: drop them
+            self._deadlines = [(d, r) for d, r in self._deadlines
+                               if r in self.requests and not self.requests[r].has_started]
+            heapq.heapify(self._deadlines)
         expired: dict[str, list[Request]] = {}
         while self._deadlines and self._deadlines[0][0] <= now:
             _, request_id = heapq.heappop(self._deadlines)

@@ -196,3 +196,14 @@ def test_engine_limits_refuse_what_the_engine_cannot_run():
     assert limits.refusal([1] * 45, Sampling(max_tokens=10, seed=0)).code == "context_length_exceeded"
     assert limits.refusal([10], Sampling(max_tokens=1, seed=0)).param == "prompt"
     assert limits.refusal([1], Sampling(max_tokens=1, seed=0, stop=["x"])).param == "stop"
+
+
+def test_finished_requests_do_not_pile_up_in_the_deadline_heap():
+    """Memory must not grow with rate x TTL: entries of requests that started or ended go."""
+    side = Side("solo")
+    for i in range(3000):
+        submit(side, i % 900, 1)
+        side.step(0.0)
+        side.apply(side.sched.tick(0.0))
+    assert not side.sched.requests
+    assert len(side.sched._deadlines) <= 1024 + 1
