@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.05
 PUBLISH_MIN_GAP_S = 0.05  # load changes reach Redis at most this often (and every heartbeat)
-PEER_REFRESH_MIN_GAP_S = 0.1  # an idle node with no victim re-reads the registry at most this often...
+PEER_REFRESH_MIN_GAP_S = 0.1  # an idle node with no victim re-reads the registry at most this often
 GRANT_CACHE = 1024
 ENGINE_STOP_WAIT_S = 10.0
 KNOWN_KEYS = 4096  # node id -> public key of peers seen in the registry (node ids never reuse keys)
@@ -137,7 +137,6 @@ class Node:
         self._load_changed = asyncio.Event()
         self._published_pending = -1
         self._peers_refreshed_at = -1e9
-        self._refresh_gap = PEER_REFRESH_MIN_GAP_S
         self._probed_at = -1e9
         self._stop_requested = asyncio.Event()
         self._rng = random.Random()
@@ -593,15 +592,12 @@ class Node:
             await self._probe_peers()  # last-known loads only fall (grants); ask the peers directly
         victims = self._victims()
         if not victims and not self.is_registry_stale \
-                and time.monotonic() - self._peers_refreshed_at >= self._refresh_gap:
+                and time.monotonic() - self._peers_refreshed_at >= PEER_REFRESH_MIN_GAP_S:
             try:
                 await self._refresh_peers()  # the table may be a heartbeat old: look again
             except RegistryUnavailable:
                 self.is_registry_stale = True
             victims = self._victims()
-            # Nothing to steal anywhere: look less often, up to once a heartbeat, until work shows up.
-            self._refresh_gap = PEER_REFRESH_MIN_GAP_S if victims else min(cfg.heartbeat_interval,
-                                                                           2 * self._refresh_gap)
         for victim in victims:
             capacity = self.scheduler.steal_capacity()
             if capacity is None or self.is_draining:

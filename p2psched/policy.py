@@ -66,11 +66,11 @@ class StealBackoff:
     """When to ask a victim again after it had nothing for us (or did not answer).
 
     Each fruitless steal doubles that victim's wait, from ``base`` up to ``cap`` seconds; a grant
-    clears it, and so does news that the victim's queue grew since it last turned us away (the
+    clears it, and so does news that the victim's queue changed since it last turned us away (the
     registry, a grant or a load report says so), because then there may be something new to take.
     """
 
-    def __init__(self, base: float = 0.05, cap: float = 2.0):
+    def __init__(self, base: float = 0.05, cap: float = 1.0):
         self._base = base
         self._cap = cap
         self._state: dict[str, tuple[float, float, int]] = {}  # node id -> (not before, wait, pending then)
@@ -80,7 +80,7 @@ class StealBackoff:
         if state is None:
             return True
         not_before, _, pending_then = state
-        if peer.pending > pending_then:
+        if peer.pending != pending_then:
             del self._state[peer.node_id]
             return True
         return now >= not_before

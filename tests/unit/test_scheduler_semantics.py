@@ -184,7 +184,7 @@ def test_steal_backoff_doubles_and_resets_on_news():
         assert not backoff.is_ready(peer, now + wait - 1e-6) and backoff.is_ready(peer, now + wait)
         now += wait
     backoff.fruitless(peer, now, 5)
-    assert not backoff.is_ready(peer, now) and backoff.is_ready(dataclasses.replace(peer, pending=6), now)
+    assert not backoff.is_ready(peer, now) and backoff.is_ready(dataclasses.replace(peer, pending=4), now)
     backoff.fruitless(peer, now, 5)
     backoff.granted(peer)
     assert backoff.is_ready(peer, now)
