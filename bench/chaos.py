@@ -10,10 +10,13 @@ crosses a proxy that can delay it or cut it. Then it streams the seeded workload
 (``bench/chaos_schedule.py``: most traffic to one or two nodes, so stealing is constant) while
 the seeded fault schedule fires (``bench/chaos_faults.py``): kill -9 of thieves in prefill,
 mid-decode and just before the last token, and of origins; SIGSTOP/SIGCONT of thieves and
-origins, shorter and longer than the lease timeout; Redis restarts and FLUSHALL; link delays
-and cuts. Killed nodes come back on the same ports. After the last request it restores
-everything, waits for quiesce, reads every node's gauges, and runs the checker
-(``bench/chaos_checker.py``).
+origins, shorter and longer than the lease timeout; engine stalls (SIGUSR1: the next engine
+step hangs ``--sim-stall-s`` while the event loop runs on) of thieves and origins; Redis
+restarts and FLUSHALL; link delays and cuts. Killed nodes come back on the same ports. The
+last node has a shorter context and a slower engine; each request goes only to nodes that can
+hold it, except door probes (a 400 expected). The TTL is shorter than the longest requests
+run. After the last request it restores everything, waits for quiesce, reads every node's
+gauges, and runs the checker (``bench/chaos_checker.py``).
 
 Out dir (default ``out/chaos-seed<seed>``): ``schedule.json`` (what ``--replay`` takes),
 ``summary.json``, ``faults.json`` (what each fault hit, and the skipped ones),
@@ -67,12 +70,20 @@ from bench.chaos_checker import (
     FaultEvent,
     Report,
     RequestRecord,
+    Rules,
     check,
     leaks,
 )
 from bench.chaos_faults import DOWN, Injector, Live, Rig, Skipped
 from bench.chaos_plot import timeline
-from bench.chaos_schedule import VOCAB, ChaosPlan, RequestSpec, make_plan, make_workload
+from bench.chaos_schedule import (
+    STALL_KINDS,
+    VOCAB,
+    ChaosPlan,
+    RequestSpec,
+    make_plan,
+    make_workload,
+)
 from bench.tcp_proxy import ProxyThread
 from p2psched.cluster import Cluster, NodeProcess
 from p2psched.redis_server import EmbeddedRedis
@@ -83,8 +94,9 @@ CONNECT_TRIES = 20  # a node that is down: try the next one, this many times in 
 READ_TIMEOUT_S = 30.0  # a stream silent this long counts as hung
 DRAIN_S = 60.0  # after the last request is due, how long the stragglers get
 QUIESCE_S = 20.0  # after everything is restored, how long the gauges get to reach 0
-NODE_STATS = ("received", "completed", "failed", "stolen_in", "stolen_out", "resumed", "lease_expiries",
-              "stream_gaps", "duplicate_items", "stale_items", "origin_losses", "registry_errors", "sends_failed")
+NODE_STATS = ("received", "rejected", "completed", "failed", "stolen_in", "stolen_out", "resumed", "lease_expiries",
+              "handed_back", "handbacks_received", "stream_gaps", "duplicate_items", "stale_items", "origin_losses",
+              "registry_errors", "sends_failed")
 
 
 @dataclass
@@ -112,13 +124,23 @@ class ChaosResult:
     def resumed_requests(self) -> int:
         return sum(1 for r in self.records if any((c.attempts or 1) > 1 for c in r.chunks))
 
+    @property
+    def door_probes(self) -> int:
+        return sum(1 for r in self.records if r.is_door_probe)
+
+    @property
+    def stalls_seen(self) -> int:
+        """Engine stalls whose 503 ``engine_stalled`` the injector saw on /health."""
+        return sum(1 for e in self.events if e.kind in STALL_KINDS and e.observed)
+
 
 # ---- the client ----
 
 class _Client:
     def __init__(self, rig: Rig, injector: Injector, session: aiohttp.ClientSession, lives: dict[int, Live],
-                 start: float, deadline: float, on_done: Callable[[], None]):
+                 start: float, deadline: float, on_done: Callable[[], None], contexts: dict[str, int]):
         self.rig = rig
+        self.contexts = contexts  # node name -> context length: where a request may be sent
         self.injector = injector
         self.session = session
         self.lives = lives
@@ -131,7 +153,8 @@ class _Client:
         clock = self.rig.clock
         await asyncio.sleep(max(0.0, self.start + spec.send_at_s - clock()))
         expected = expected_tokens(spec.seed, spec.prompt_token_ids, spec.max_tokens, VOCAB)
-        record = RequestRecord(spec.index, "", expected, clock(), NOT_ACCEPTED)
+        record = RequestRecord(spec.index, "", expected, clock(), NOT_ACCEPTED, context_tokens=spec.context_tokens,
+                               is_door_probe=spec.is_door_probe)
         self.records[spec.index] = record
         live = Live(spec)
         try:
@@ -144,9 +167,14 @@ class _Client:
             self.lives.pop(spec.index, None)
             self.on_done()
 
-    def _pick(self, target: int, attempt: int) -> NodeProcess:
+    def _pick(self, spec: RequestSpec, attempt: int) -> NodeProcess:
+        """The target first, then (while it is down) the others that can hold the request in
+        turn. A door probe goes to its target only: the 400 is what it is for."""
         nodes = self.rig.cluster.nodes
-        order = [nodes[(target + j) % len(nodes)] for j in range(len(nodes))]
+        if spec.is_door_probe:
+            return nodes[spec.node]
+        order = [nodes[(spec.node + j) % len(nodes)] for j in range(len(nodes))]
+        order = [n for n in order if self.contexts[n.name] >= spec.context_tokens]
         candidates = [n for n in order if self.rig.state[n.name] != DOWN] or order
         return candidates[attempt % len(candidates)]
 
@@ -155,7 +183,7 @@ class _Client:
         body = {"model": "sim", "prompt": spec.prompt_token_ids, "max_tokens": spec.max_tokens, "seed": spec.seed,
                 "stream": True, "return_token_ids": True}
         for attempt in range(CONNECT_TRIES):
-            node = self._pick(spec.node, attempt)
+            node = self._pick(spec, attempt)
             record.origin = live.origin = node.name
             try:
                 async with self.session.post(node.url + "/v1/completions", json=body) as resp:
@@ -313,7 +341,8 @@ def run_chaos(plan: ChaosPlan, out_dir: Path, console: Console | None = None,
     flat = stable_ports(5 * plan.num_nodes + 1)
     ports = [flat[5 * i:5 * i + 5] for i in range(plan.num_nodes)]
     per_node = [["--steal-port", str(steal), "--result-port", str(result), "--advertise-steal-port", str(p_steal),
-                 "--advertise-result-port", str(p_result)] for _, steal, result, p_steal, p_result in ports]
+                 "--advertise-result-port", str(p_result), *(plan.per_node_args[i] if plan.per_node_args else [])]
+                for i, (_, steal, result, p_steal, p_result) in enumerate(ports)]
     began = time.monotonic()
     with ProxyThread() as proxies, EmbeddedRedis(port=flat[-1]) as redis_server:
         for i, (_, steal, result, p_steal, p_result) in enumerate(ports):
@@ -368,7 +397,7 @@ async def _drive(plan: ChaosPlan, cluster: Cluster, proxies: ProxyThread, consol
                 progress.advance(requests_bar)
                 progress.update(faults_bar, completed=len(injector.events) + len(injector.skipped))
 
-            client = _Client(rig, injector, session, lives, start, deadline, on_done)
+            client = _Client(rig, injector, session, lives, start, deadline, on_done, plan.contexts)
             async with asyncio.TaskGroup() as group:
                 for fault in plan.faults:
                     group.create_task(_fault_then_tick(injector, fault, start, progress, faults_bar))
@@ -383,7 +412,7 @@ async def _drive(plan: ChaosPlan, cluster: Cluster, proxies: ProxyThread, consol
         stats = await asyncio.gather(*(read_stats(session, node) for node in cluster.nodes))
     records = [client.records[spec.index] for spec in specs]
     events = sorted(injector.events, key=lambda e: e.at)
-    report = check(records, events, gauges)
+    report = check(records, events, gauges, Rules(plan.contexts, plan.ttl_s, plan.lease_timeout))
     return ChaosResult(plan, report, records, events, injector.skipped, gauges,
                        dict(zip((n.name for n in cluster.nodes), stats)), Path("."), 0.0, quiesce_s, notes,
                        log_problems(cluster.nodes))
@@ -417,17 +446,32 @@ def summary_table(result: ChaosResult) -> Table:
                         f"{result.wall_s:.0f}s", show_header=True)
     table.add_column("check")
     table.add_column("value", justify="right")
+    plan = result.plan
+    contexts = plan.contexts
+    odd = ", ".join(f"node{i} {' '.join(args)}" for i, args in enumerate(plan.per_node_args) if args) or "none"
+    thieves = ", ".join(f"{name} {count} (largest {r.largest_stolen[name]}/{contexts.get(name, '?')})"
+                        for name, count in r.stolen_by.items()) or "-"
     rows: list[tuple[str, str]] = [
+        ("nodes unlike the others", odd),
         ("requests sent", str(r.sent)),
         ("accepted (HTTP 200)", str(r.accepted)),
         ("completed exactly once, exact tokens", str(r.completed_exactly)),
         ("errored because their origin was killed", str(r.errored_origin_died)),
         ("not accepted (no node reachable)", str(r.not_accepted)),
+        ("door probes refused 400 over the node's context (expected)",
+         f"{r.refused_over_context} of {result.door_probes}"),
         ("stolen (client view) / resumed (attempts > 1)", f"{result.stolen_requests} / {result.resumed_requests}"),
+        ("stolen per thief (largest request tokens / its context)", thieves),
+        (f"TTL {plan.ttl_s:g}s: longest wait to first token; first token later than the TTL",
+         f"{r.max_wait_s:.2f}s; {r.started_after_ttl}"),
+        ("exact, streamed by a thief past the TTL / resumed past the TTL",
+         f"{r.stolen_past_ttl} / {r.resumed_past_ttl}"),
+        ("timed out waiting (no token, client waited >= TTL; legal)", str(r.timed_out_waiting)),
         ("LOST", str(r.lost)),
         ("duplicated tokens (requests / tokens)", f"{r.duplicated} / {r.duplicated_tokens}"),
         ("missing tokens (requests / tokens)", f"{r.missing} / {r.missing_tokens}"),
         ("wrong tokens or ending (requests)", str(r.wrong)),
+        ("over a node's context (accepted, or stolen by a shorter thief)", str(r.over_context)),
     ]
     for gauge in LEAK_GAUGES + OPTIONAL_LEAK_GAUGES:
         found = [leak for leak in r.leaks if leak.gauge == gauge]
@@ -441,6 +485,10 @@ def summary_table(result: ChaosResult) -> Table:
     injected = f"{r.faults_injected} of {len(result.plan.faults)} scheduled ({len(result.skipped)} skipped)"
     rows.append(("faults injected", injected))
     rows.append(("faults by kind", kinds or "-"))
+    stalls = sum(n for k, n in r.faults_by_kind.items() if k.startswith("engine_stall"))
+    rows.append(("engine stalls seen on /health (503 engine_stalled)", f"{result.stalls_seen} of {stalls}"))
+    rows.append(("stolen requests taken back from a stalled thief / kept by it (fail)",
+                 f"{r.taken_from_stalled} / {r.held_through_stall}"))
     rows.append(("quiesce (restored -> gauges at 0)", f"{result.quiesce_s:.1f}s"))
     rows.append(("node log ERRORs / tracebacks (not judged)", str(len(result.log_problems))))
     rows.append(("verdict", "PASS" if r.ok else "FAIL"))
@@ -455,6 +503,9 @@ def summary_json(result: ChaosResult) -> dict[str, Any]:
     return {
         "seed": result.plan.seed, "nodes": result.plan.num_nodes, "requests": result.plan.num_requests,
         "faults_scheduled": len(result.plan.faults), "wall_s": round(result.wall_s, 2),
+        "rate": result.plan.rate, "ttl_s": result.plan.ttl_s, "stall_s": result.plan.stall_s,
+        "contexts": result.plan.contexts, "per_node_args": result.plan.per_node_args,
+        "door_probes": result.door_probes, "engine_stalls_seen": result.stalls_seen,
         "code_version": f"nodes from {result.node_code}" if result.node_code else code_version(),
         "stolen_requests": result.stolen_requests,
         "resumed_requests": result.resumed_requests, "report": report,
@@ -474,7 +525,8 @@ def write_outputs(result: ChaosResult) -> None:
         f.writelines(json.dumps({
             "index": r.index, "origin": r.origin, "outcome": r.outcome, "status": r.status, "error": r.error,
             "sent_at": round(r.sent_at, 4), "accepted_at": r.accepted_at, "ended_at": r.ended_at,
-            "saw_done": r.saw_done, "expected_len": len(r.expected), "tokens": r.tokens, "expected": r.expected,
+            "saw_done": r.saw_done, "expected_len": len(r.expected), "context_tokens": r.context_tokens,
+            "is_door_probe": r.is_door_probe, "tokens": r.tokens, "expected": r.expected,
             # [t, number of tokens, served_by (when named), attempts (when named), finish_reason]
             "chunks": [[round(c.t, 4), len(c.token_ids), c.served_by, c.attempts, c.finish_reason]
                        for c in r.chunks]}) + "\n" for r in result.records)
@@ -489,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=24)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--nodes", type=int, default=4)
-    parser.add_argument("--rate", type=float, default=0.0, help="requests per second (default: 3 per node)")
+    parser.add_argument("--rate", type=float, default=0.0, help="requests per second (default: 1.5 per node)")
     parser.add_argument("--replay", default="", help="a schedule.json from an earlier run: run exactly that plan")
     parser.add_argument("--out", default="", help="output directory (default out/chaos-seed<seed>)")
     parser.add_argument("--node-code", default="",

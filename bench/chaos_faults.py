@@ -1,8 +1,8 @@
 """Fault injection for the chaos suite: turns a scheduled ``Fault`` into signals, Redis
 outages and proxy controls aimed at what the cluster is doing at that moment.
 
-Each fault waits for its time, then fires once. Node faults (kill -9 or SIGSTOP, of a thief or
-of an origin) aim at one stolen request, at one point of its life:
+Each fault waits for its time, then fires once. Node faults (kill -9, SIGSTOP or an engine
+stall, of a thief or of an origin) aim at one stolen request, at one point of its life:
 
 - "prefill": as soon as a node's ``stolen_in`` (thief) or ``stolen_out`` (victim, the origin)
   counter rises, polled on every node's ``/stats``: a task has just changed hands and nothing
@@ -14,8 +14,16 @@ of an origin) aim at one stolen request, at one point of its life:
 Stream triggers are checked in the client's chunk callback (``on_chunk``), so the signal lands
 within a chunk of the chosen point. kill -9 is followed by a restart on the same ports (a new
 node id); SIGSTOP by SIGCONT after the fault's duration; a Redis restart by a start on the same
-port; link faults by healing. A fault that finds nothing to hit within ``ARM_TIMEOUT_S`` is
-skipped (and reported); at least two nodes stay up at any time.
+port; link faults by healing. An engine stall is SIGUSR1: the node's next engine step hangs for
+its ``--sim-stall-s`` while its event loop runs on; the injector watches ``/health`` (503
+``engine_stalled`` once the step has run past a lease timeout, then 200 again) to log when the
+stall was seen and when it ended, and the node counts as disturbed until then.
+
+A fault that finds nothing to hit within ``ARM_TIMEOUT_S`` is skipped (and reported); at least
+two nodes stay up at any time, and a node that has just recovered (restarted, SIGCONTed, its
+stall over) is left alone for ``SETTLE_S``: back-to-back faults on the busiest origin would
+pile its queue up until requests wait out the TTL, which the suite keeps for requests that
+never start.
 """
 
 from __future__ import annotations
@@ -30,14 +38,25 @@ import aiohttp
 import redis
 
 from bench.chaos_checker import FaultEvent
-from bench.chaos_schedule import KILL_KINDS, LINK_KINDS, NODE_KINDS, ChaosPlan, Fault, RequestSpec
+from bench.chaos_schedule import (
+    KILL_KINDS,
+    LINK_KINDS,
+    NODE_KINDS,
+    STALL_KINDS,
+    ChaosPlan,
+    Fault,
+    RequestSpec,
+)
 from bench.tcp_proxy import ProxyThread
 from p2psched.cluster import Cluster, NodeProcess
 
 ARM_TIMEOUT_S = 8.0  # a fault that finds no target in this time is skipped
 FRESH_S = 0.3  # a request counts as being served by a node if a chunk came this recently
 PREFILL_POLL_S = 0.02
-UP, DOWN, STOPPED = "up", "down", "stopped"
+SETTLE_S = 2.0  # a node that just recovered is not hit again for this long
+HEALTH_POLL_S = 0.05  # while watching a stalled engine
+STALL_SEEN_GRACE_S = 1.5  # after the lease timeout: no 503 by then means the engine had no step to hang
+UP, DOWN, STOPPED, STALLED = "up", "down", "stopped", "stalled"
 
 
 @dataclass
@@ -78,6 +97,12 @@ class Rig:
         self.proxies = proxies
         self.clock = clock
         self.state: dict[str, str] = {node.name: UP for node in cluster.nodes}
+        self._recovered_at: dict[str, float] = {}
+
+    def set_up(self, name: str) -> None:
+        """The node is back (restarted, SIGCONTed, its stall over)."""
+        self.state[name] = UP
+        self._recovered_at[name] = self.clock()
 
     def node(self, name: str) -> NodeProcess:
         return next(node for node in self.cluster.nodes if node.name == name)
@@ -87,6 +112,10 @@ class Rig:
 
     def is_up(self, name: str | None) -> bool:
         return name is not None and self.state.get(name) == UP
+
+    def is_settled(self, name: str | None) -> bool:
+        """Up, and not just recovered from a fault: fair game for the next one."""
+        return self.is_up(name) and self.clock() - self._recovered_at.get(name or "", -SETTLE_S) >= SETTLE_S
 
     def can_disturb(self) -> bool:
         """Whether one more node may go down or freeze: at least two stay up (one of two)."""
@@ -145,8 +174,9 @@ class Injector:
 
     async def _node_fault(self, fault: Fault) -> None:
         is_kill = fault.kind in KILL_KINDS
+        is_stall = fault.kind in STALL_KINDS
         hits_origin = fault.kind.endswith("_origin")
-        fire = self._kill_now if is_kill else self._stop_now
+        fire = self._kill_now if is_kill else self._stall_now if is_stall else self._stop_now
         if fault.point == "prefill":  # the moment a task changes hands, seen on either side
             hit = await self._at_steal(fault, "stolen_out" if hits_origin else "stolen_in", fire)
         elif fault.point in ("mid_decode", "before_last"):
@@ -160,6 +190,8 @@ class Injector:
         node, event = hit
         if is_kill:
             await self._restart(node, event)
+        elif is_stall:
+            await self._watch_stall(node, event)
         else:
             await asyncio.sleep(fault.duration_s)
             self._cont(node, event)
@@ -167,8 +199,8 @@ class Injector:
     # ---- targeting ----
 
     def _is_stolen_now(self, live: Live) -> bool:
-        return (live.server is not None and live.server != live.origin and self.rig.is_up(live.server)
-                and self.rig.is_up(live.origin) and self.rig.clock() - live.last_chunk_at < FRESH_S)
+        return (live.server is not None and live.server != live.origin and self.rig.is_settled(live.server)
+                and self.rig.is_settled(live.origin) and self.rig.clock() - live.last_chunk_at < FRESH_S)
 
     def _predicate(self, point: str) -> Callable[[Live], bool]:
         def mid_decode(live: Live) -> bool:
@@ -235,16 +267,58 @@ class Injector:
         node.pause()
         return f"SIGSTOP pid {node.pid}"
 
+    def _stall_now(self, name: str, live: Live | None = None) -> str:
+        node = self.rig.node(name)
+        self.rig.state[name] = STALLED
+        node.stall_engine()
+        return f"SIGUSR1 pid {node.pid} (engine stall {self.plan.stall_s:g}s)"
+
+    async def _health(self, name: str) -> tuple[int, str]:
+        """(status, the body's "status" field) of the node's /health; (0, "") when it does not answer."""
+        try:
+            async with self.session.get(self.rig.node(name).url + "/health",
+                                        timeout=aiohttp.ClientTimeout(total=0.5)) as resp:
+                body = await resp.json(content_type=None)
+                return resp.status, str(body.get("status", "")) if isinstance(body, dict) else ""
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return 0, ""
+
+    async def _watch_stall(self, name: str, event: FaultEvent) -> None:
+        """Follow the stall on /health: 503 ``engine_stalled`` from one lease timeout into the hung
+        step (heartbeats stop vouching then), 200 once the step returns. 503 here is the fault
+        working, not a failure. The node counts as disturbed until the step has returned."""
+        seen_at: float | None = None
+        give_up = event.at + self.plan.lease_timeout + STALL_SEEN_GRACE_S
+        while seen_at is None and self.rig.clock() < give_up:
+            status, what = await self._health(name)
+            if status == 503 and what == "engine_stalled":
+                seen_at = self.rig.clock()
+            else:
+                await asyncio.sleep(HEALTH_POLL_S)
+        if seen_at is None:
+            event.until = self.rig.clock()
+            event.observed = False
+            event.detail += "; no 503 engine_stalled seen: its engine had no step to hang yet"
+        else:
+            give_up = event.at + self.plan.stall_s + 5.0
+            while self.rig.clock() < give_up and (await self._health(name))[0] != 200:
+                await asyncio.sleep(HEALTH_POLL_S)
+            event.until = self.rig.clock()
+            event.detail += (f"; /health 503 engine_stalled from +{seen_at - event.at:.2f}s, "
+                             f"200 again at +{event.until - event.at:.2f}s")
+        if self.rig.state[name] == STALLED:
+            self.rig.set_up(name)
+        self.note(f"{name} engine stall over (fault #{event.fault_id}): {event.detail.rsplit('; ', 1)[-1]}")
 
     def _cont(self, name: str, event: FaultEvent) -> None:
         self.rig.node(name).resume()
-        self.rig.state[name] = UP
+        self.rig.set_up(name)
         event.until = self.rig.clock()
         self.note(f"{name} SIGCONT after fault #{event.fault_id} ({event.until - event.at:.2f}s stopped)")
 
     async def _restart(self, name: str, event: FaultEvent) -> None:
         await asyncio.to_thread(self.rig.cluster.restart_node, self.rig.index(name), 60.0)
-        self.rig.state[name] = UP
+        self.rig.set_up(name)
         event.until = self.rig.clock()
         self.note(f"{name} restarted after fault #{event.fault_id} (pid {self.rig.node(name).pid}, "
                   f"{event.until - event.at:.1f}s down)")
@@ -270,7 +344,8 @@ class Injector:
             for name, count in zip(names, counts):
                 if count is None or not self.rig.is_up(name):
                     continue
-                if name in baseline and count > baseline[name] and self.rig.can_disturb():
+                if name in baseline and count > baseline[name] and self.rig.can_disturb() \
+                        and self.rig.is_settled(name):
                     at = self.rig.clock()
                     detail = fire(name, None) + f" ({counter} {baseline[name]} -> {count})"
                     event = FaultEvent(fault.fault_id, fault.kind, name, at, at, detail, fault.point)

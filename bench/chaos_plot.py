@@ -10,6 +10,7 @@ from bench.chaos_checker import FaultEvent, RequestRecord
 
 KIND_COLORS = {
     "kill9_thief": "#d62728", "kill9_origin": "#ff7f0e", "sigstop_thief": "#9467bd", "sigstop_origin": "#c5b0d5",
+    "engine_stall_thief": "#8c564b", "engine_stall_origin": "#e377c2",
     "redis_restart": "#7f7f7f", "redis_flushall": "#17becf", "link_delay": "#bcbd22", "link_cut": "#2ca02c",
 }
 

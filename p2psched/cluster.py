@@ -92,6 +92,13 @@ class NodeProcess:
             assert self.proc is not None
             self.proc.send_signal(signal.SIGCONT)
 
+    def stall_engine(self) -> None:
+        """SIGUSR1: a sim node started with ``--sim-stall-s S`` hangs its next engine step S
+        seconds while its event loop runs on (a node without it would die of the signal)."""
+        if self.is_alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGUSR1)
+
     def stats(self) -> dict[str, Any]:
         _, payload = http_json(self.url + "/stats", timeout=5)
         assert isinstance(payload, dict)

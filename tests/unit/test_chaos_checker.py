@@ -8,19 +8,25 @@ from bench.chaos_checker import (
     DUPLICATED,
     ERROR_EVENT,
     EXACT,
+    HELD_THROUGH_STALL,
     HUNG,
     LEAK_GAUGES,
     LOST,
     MISSING,
     NOT_ACCEPTED,
     ORIGIN_DIED,
+    OVER_CONTEXT,
+    REFUSED_OVER_CONTEXT,
     REJECTED,
+    TIMED_OUT_WAITING,
+    TTL_ERROR,
     UNACCEPTED,
     WRONG,
     Chunk,
     FaultEvent,
     Leak,
     RequestRecord,
+    Rules,
     align,
     check,
     judge,
@@ -150,3 +156,150 @@ def test_a_final_chunk_then_the_origin_killed_before_done_is_complete() -> None:
     record.outcome = DROPPED
     assert judge(record, [kill("node0", at=1.5)]).status == EXACT
     assert judge(record, []).status == WRONG  # without the kill, a missing [DONE] is the node's fault
+
+
+# ---- heterogeneous contexts: the door, and what thieves may take ----
+
+CONTEXTS = {"node0": 4096, "node1": 4096, "node3": 1024}
+REFUSAL_BODY = ('{"error": {"message": "prompt (1300 tokens) plus max_tokens (200) exceed the context length 1024", '
+                '"type": "invalid_request_error", "param": "prompt", "code": "context_length_exceeded"}}')
+
+
+def refused(index: int, origin: str, context_tokens: int, body: str = REFUSAL_BODY) -> RequestRecord:
+    return RequestRecord(index, origin, list(EXPECTED), sent_at=0.5, outcome=REJECTED, ended_at=0.6, status=400,
+                         error=body, context_tokens=context_tokens, is_door_probe=True)
+
+
+def test_a_door_probe_refused_with_400_is_counted_apart_and_legal() -> None:
+    report = check([refused(0, "node3", 1500), completed(1, EXPECTED)], [], CLEAN_GAUGES, Rules(CONTEXTS))
+    assert report.ok and report.failures == []
+    assert (report.refused_over_context, report.accepted, report.completed_exactly) == (1, 1, 1)
+    assert judge(refused(0, "node3", 1500), [], Rules(CONTEXTS)).status == REFUSED_OVER_CONTEXT
+
+
+def test_a_400_is_legal_only_over_the_origins_context_and_for_the_context_error() -> None:
+    assert judge(refused(0, "node3", 1000), [], Rules(CONTEXTS)).status == LOST  # it fit: the 400 was wrong
+    assert judge(refused(0, "node0", 1500), [], Rules(CONTEXTS)).status == LOST  # node0 holds 4096
+    other = refused(0, "node3", 1500, body='{"error": {"message": "max_tokens must be at most 1", "code": null}}')
+    assert judge(other, [], Rules(CONTEXTS)).status == LOST  # over the context, but refused for something else
+    assert judge(refused(0, "node3", 1500), []).status == LOST  # without contexts nothing is excused
+
+
+def test_an_origin_that_accepts_a_request_over_its_context_fails() -> None:
+    record = completed(0, EXPECTED, origin="node3")
+    record.context_tokens = 1500
+    verdict = judge(record, [], Rules(CONTEXTS))
+    assert verdict.status == OVER_CONTEXT and "node3" in verdict.detail
+    report = check([record], [], CLEAN_GAUGES, Rules(CONTEXTS))
+    assert not report.ok and report.over_context == 1 and report.failures[0].status == OVER_CONTEXT
+
+
+def test_a_thief_may_serve_only_what_fits_its_context() -> None:
+    """``served_by`` is named when the server changes; the chunks after it carry that server."""
+    record = completed(0, [101, 102], [103, 104], [105, 106], origin="node0")
+    record.chunks[1].served_by = "node3"  # stolen by the short node from the second chunk on
+    record.context_tokens = 1000
+    assert record.thieves() == ["node3"] and record.chunk_servers() == ["node0", "node3", "node3"]
+    assert judge(record, [], Rules(CONTEXTS)).status == EXACT
+    report = check([record], [], CLEAN_GAUGES, Rules(CONTEXTS))
+    assert report.stolen_by == {"node3": 1} and report.largest_stolen == {"node3": 1000}
+    record.context_tokens = 1100
+    verdict = judge(record, [], Rules(CONTEXTS))
+    assert verdict.status == OVER_CONTEXT and verdict.detail == "stolen by node3 (context 1024): 1100 tokens"
+    assert not check([record], [], CLEAN_GAUGES, Rules(CONTEXTS)).ok
+
+
+# ---- the TTL: it bounds waiting, never streaming ----
+
+TTL = 8.0
+
+
+def timed_out(index: int, waited: float, *token_chunks: list[int]) -> RequestRecord:
+    record = broken(index, ERROR_EVENT, *token_chunks, ended_at=0.5 + waited)
+    record.error = f"request failed: request {TTL_ERROR}"
+    return record
+
+
+def test_timed_out_waiting_is_legal_only_after_the_client_waited_the_ttl() -> None:
+    report = check([timed_out(0, 8.4)], [], CLEAN_GAUGES, Rules(ttl_s=TTL))
+    assert report.ok and report.timed_out_waiting == 1 and report.lost == 0
+    assert judge(timed_out(0, 8.4), [], Rules(ttl_s=TTL)).status == TIMED_OUT_WAITING
+    early = judge(timed_out(0, 5.0), [], Rules(ttl_s=TTL))
+    assert early.status == LOST and "under the TTL" in early.detail
+    assert judge(timed_out(0, 8.4), []).status == LOST  # no TTL known: never excused
+
+
+def test_a_request_that_had_started_must_not_time_out() -> None:
+    """Tokens came, so it had started: its TTL no longer applies, however long it ran."""
+    verdict = judge(timed_out(0, 12.0, [101, 102]), [], Rules(ttl_s=TTL))
+    assert verdict.status == LOST
+    assert not check([timed_out(0, 12.0, [101, 102])], [], CLEAN_GAUGES, Rules(ttl_s=TTL)).ok
+
+
+def test_the_ttl_summary_counts_waits_and_streams_past_the_ttl() -> None:
+    """Request 0 waited 1.5 s, was stolen by node1, which streamed until 9.5 s (past the TTL of 8 s
+    after it was sent at 0.5 s), then resumed on its origin at 10.5 s (attempts 2). Request 1 got
+    its first token only after the TTL (a client-side wait: legal, counted)."""
+    stolen = completed(0, [101, 102], [103, 104], [105], [106])
+    for chunk, t in zip(stolen.chunks, (2.0, 5.0, 9.5, 10.5)):
+        chunk.t = t
+    stolen.chunks[0].served_by = "node1"
+    stolen.chunks[3].served_by, stolen.chunks[3].attempts = "node0", 2
+    late = completed(1, EXPECTED)
+    late.chunks[0].t = 9.0
+    report = check([stolen, late], [], CLEAN_GAUGES, Rules(ttl_s=TTL))
+    assert report.ok and report.completed_exactly == 2 and report.ttl_s == TTL
+    assert (report.stolen_past_ttl, report.resumed_past_ttl, report.started_after_ttl) == (1, 1, 1)
+    assert report.max_wait_s == 9.0 - 0.5
+    stolen.chunks[2].t = 8.0  # the thief's last chunk before the TTL: not "past the TTL"
+    assert check([stolen], [], CLEAN_GAUGES, Rules(ttl_s=TTL)).stolen_past_ttl == 0
+
+
+# ---- engine stalls: a hung thief's leases lapse ----
+
+LEASE = 1.0
+
+
+def stolen_through_stall(attempts: int, end: float = 6.0, origin: str = "node0") -> RequestRecord:
+    """Streamed by node1 from t=1.5; node1's engine hangs at t=2.0 (fault below); the rest of the
+    stream comes at ``end``, its final chunk counting ``attempts``."""
+    record = completed(0, [101, 102], [103, 104], [105, 106], origin=origin)
+    for chunk, t in zip(record.chunks, (1.5, 1.9, end)):
+        chunk.t = t
+    record.chunks[0].served_by = "node1"
+    record.chunks[2].served_by, record.chunks[2].attempts = ("node0" if attempts > 1 else "node1"), attempts
+    return record
+
+
+def stall(node: str = "node1", at: float = 2.0, observed: bool = True) -> FaultEvent:
+    return FaultEvent(3, "engine_stall_thief", node, at, at + 3.0, "SIGUSR1", "mid_decode", observed)
+
+
+def test_a_request_taken_back_from_a_stalled_thief_passes_and_is_counted() -> None:
+    report = check([stolen_through_stall(attempts=2)], [stall()], CLEAN_GAUGES, Rules(lease_timeout_s=LEASE))
+    assert report.ok and report.completed_exactly == 1 and report.taken_from_stalled == 1
+
+
+def test_a_stalled_thief_that_kept_its_lease_fails() -> None:
+    """Exact tokens, but the hung thief finished it on the first attempt after its stall: its
+    heartbeats vouched for an engine that made no progress (the bug the stall rule is for)."""
+    record = stolen_through_stall(attempts=1)
+    verdict = judge(record, [stall()], Rules(lease_timeout_s=LEASE))
+    assert verdict.status == HELD_THROUGH_STALL and "node1" in verdict.detail
+    report = check([record], [stall()], CLEAN_GAUGES, Rules(lease_timeout_s=LEASE))
+    assert not report.ok and report.held_through_stall == 1 and report.taken_from_stalled == 0
+    assert judge(record, [stall()]).status == EXACT  # without a lease timeout the rule is off
+
+
+def test_the_stall_rule_applies_only_where_a_lapse_was_due() -> None:
+    record = stolen_through_stall(attempts=1, end=4.2)  # ended before 2 lease timeouts (+ slack) had passed
+    assert judge(record, [stall()], Rules(lease_timeout_s=LEASE)).status == EXACT
+    late = stolen_through_stall(attempts=1)
+    assert judge(late, [stall(observed=False)], Rules(lease_timeout_s=LEASE)).status == EXACT  # never hung
+    assert judge(late, [stall(at=1.0)], Rules(lease_timeout_s=LEASE)).status == EXACT  # not streaming from it yet
+    assert judge(late, [stall(node="node2")], Rules(lease_timeout_s=LEASE)).status == EXACT  # another thief
+    frozen_origin = FaultEvent(4, "sigstop_origin", "node0", 2.5, 5.0, "SIGSTOP", "mid_decode")
+    assert judge(late, [stall(), frozen_origin], Rules(lease_timeout_s=LEASE)).status == EXACT  # it could not
+    own = stolen_through_stall(attempts=1, origin="node1")  # the stalled node's own request just waits
+    own.chunks[0].served_by = own.chunks[2].served_by = "node1"
+    assert judge(own, [stall()], Rules(lease_timeout_s=LEASE)).status == EXACT
