@@ -167,12 +167,7 @@ class Cluster:
         """Every node answers /health and, in a global cluster, sees every other node."""
         deadline = time.monotonic() + timeout
         for node in self.nodes:
-            while not node.is_healthy():
-                if node.proc is not None and node.proc.poll() is not None:
-                    raise RuntimeError(f"{node.name} exited with {node.proc.returncode}:\n{node.log_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{node.name} not healthy within {timeout}s:\n{node.log_text()[-3000:]}")
-                time.sleep(0.05)
+            node.wait_healthy(max(0.0, deadline - time.monotonic()))
         if self._scheduler_name != "global":
             return
         others = len(self.nodes) - 1
