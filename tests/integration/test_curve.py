@@ -118,3 +118,11 @@ def test_keys_command_and_bad_key_files(tmp_path):
         assert node.returncode == 2, node.stderr
         lines = node.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], node.stderr
+
+
+def test_a_node_open_to_other_hosts_without_keys_warns_loudly(cluster_factory):
+    cluster = cluster_factory(1, ["--host", "0.0.0.0"], scheduler_name="local")
+    log = cluster.nodes[0].log_text()
+    assert "0.0.0.0 is not a loopback address and CurveZMQ is off" in log
+    quiet = cluster_factory(1, scheduler_name="local").nodes[0].log_text()  # loopback: no warning
+    assert "CurveZMQ is off" not in quiet
