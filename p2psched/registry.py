@@ -52,6 +52,11 @@ _PROBE_TTL_MS = 10_000  # verify_access's throw-away record, should its clean-up
 _ALERT_WAIT_S = 0.5  # after a TLS connection reset at start: how long to listen for the alert
 
 
+# What a Redis round trip raises when Redis goes away. uvloop raises RuntimeError ("unable to
+# perform operation on <TCPTransport closed=True>") for a write to a connection Redis just
+# closed, and redis-py passes it through; at this boundary it is an outage like the others.
+_CONNECTION_ERRORS = (redis.exceptions.RedisError, OSError, RuntimeError)
+
 _NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
@@ -344,7 +349,7 @@ class Registry:
         try:
             await self._script(keys=[self._keys.node(node_id), self._keys.load(self._keys.shard_of(node_id))],
                                args=args)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except _CONNECTION_ERRORS as exc:
             raise RegistryUnavailable(str(exc)) from exc
 
     async def deregister(self, node_id: str) -> None:
@@ -353,7 +358,7 @@ class Registry:
                 pipe.delete(self._keys.node(node_id))
                 pipe.zrem(self._keys.load(self._keys.shard_of(node_id)), node_id)
                 await pipe.execute()
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except _CONNECTION_ERRORS as exc:
             raise RegistryUnavailable(str(exc)) from exc
 
     async def nodes(self) -> list[NodeRecord]:
@@ -380,7 +385,7 @@ class Registry:
                     await self._client.zrem(self._keys.load(shard), *stale)
             out.sort(key=lambda r: r.load_score, reverse=True)
             return out
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except _CONNECTION_ERRORS as exc:
             raise RegistryUnavailable(str(exc)) from exc
 
     async def close(self) -> None:
