@@ -40,9 +40,14 @@ class EngineLimits:
             raise ConfigError(f"max model len must be in 1..{MAX_CONTEXT_TOKENS} (the protocol's limit), "
                               f"got {self.max_model_len}")
 
-    def refusal(self, prompt_token_ids: list[int], sampling: Sampling) -> Refusal | None:
+    def refusal(self, prompt_token_ids: list[int], sampling: Sampling,
+                delivered_token_ids: list[int] | None = None) -> Refusal | None:
         """Why this engine cannot run the request, or None. The origin's HTTP layer answers 400
-        with it; a thief hands the task back to its origin with it."""
+        with it; a thief hands the task back to its origin with it (a task also carries the
+        tokens already delivered, which it must be able to read back)."""
+        if delivered_token_ids:
+            if len(delivered_token_ids) > sampling.max_tokens or max(delivered_token_ids) >= self.vocab_size:
+                return Refusal("delivered tokens past max_tokens or the vocabulary", "prompt")
         context = len(prompt_token_ids) + sampling.max_tokens
         if context > self.max_model_len:
             return Refusal(f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "

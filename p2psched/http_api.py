@@ -203,7 +203,7 @@ class HttpServer:
             body = json.loads(await request.read())
         except web.HTTPRequestEntityTooLarge:
             raise Rejected(error_response(413, f"request body exceeds {MAX_BODY_BYTES} bytes")) from None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's limit
             raise Rejected(error_response(400, "request body is not valid JSON")) from None
         if not isinstance(body, dict):
             raise Rejected(error_response(422, "request body must be a JSON object"))

@@ -46,6 +46,8 @@ from .errors import ConfigError, ProtocolError, RegistryUnavailable, RequestReje
 from .peers import PeerLinks
 from .policy import PeerLoad, StealBackoff, choose_victims
 from .protocol import (
+    MAX_COUNT,
+    MAX_TASKS_PER_GRANT,
     Ack,
     Cancel,
     Grant,
@@ -76,6 +78,7 @@ TICK_S = 0.05
 PUBLISH_MIN_GAP_S = 0.05  # load changes reach Redis at most this often (and every heartbeat)
 PEER_REFRESH_MIN_GAP_S = 0.1  # an idle node with no victim re-reads the registry at most this often
 GRANT_CACHE = 1024
+GRANT_CACHE_BYTES = 64 * 1024 * 1024
 ENGINE_STOP_WAIT_S = 10.0
 KNOWN_KEYS = 4096  # node id -> public key of peers seen in the registry (node ids never reuse keys)
 
@@ -130,7 +133,10 @@ class Node:
         self._steal_sock = make_socket(self._ctx, zmq.ROUTER)
         self._result_sock = make_socket(self._ctx, zmq.ROUTER)
         self._grants: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._grant_bytes = 0
         self._known_keys: OrderedDict[str, str] = OrderedDict()
+        self._routes: OrderedDict[str, bytes] = OrderedDict()  # CurveZMQ: node id -> result routing id
+        self._allowed_keys = self.curve.allowed_keys() if self.curve else frozenset()
         self._bad_records = OncePerMinute()
         self._backoff = StealBackoff()
         self._wake_stealer = asyncio.Event()
@@ -336,10 +342,12 @@ class Node:
             if not sent:
                 self.stats.sends_failed += 1
         for thief_id, message in fx.to_thief:
-            if not self._send_router(self._result_sock, thief_id.encode(), message):
+            if not self._send_router(self._result_sock, self._route(thief_id), message):
                 self.stats.sends_failed += 1
 
     def _send_router(self, sock: zmq.asyncio.Socket, peer: bytes, message: Message | bytes) -> bool:
+        if not peer:
+            return False  # no connection of that node known (yet)
         try:
             body = message if isinstance(message, bytes) else encode(message)
         except ProtocolError as exc:
@@ -348,8 +356,13 @@ class Node:
         return self._sender.send(sock, [peer, body], peer)
 
     def _wake_stealer_if_idle(self) -> None:
-        if self.scheduler.steal_capacity() is not None and not self.is_draining:
+        if self._can_steal():
             self._wake_stealer.set()
+
+    def _can_steal(self) -> bool:
+        """Room for work, not draining, and an engine that makes progress (a hung engine would
+        only hold what it steals until the leases lapse, again and again)."""
+        return self.scheduler.steal_capacity() is not None and not self.is_draining and not self.is_engine_stalled
 
     def _on_engine_outputs(self, outputs: list[EngineOutput], busy_s: float) -> None:
         with self.containment.guard("engine-outputs"):
@@ -391,12 +404,26 @@ class Node:
         return parts[0].bytes, [part.bytes for part in parts[1:]], user_id if isinstance(user_id, str) else None
 
     def _speaks_for(self, node_id: str, peer: bytes, user_id: str | None) -> str | None:
-        """Why the sender on this connection may not speak for ``node_id``, or None."""
-        if node_id.encode() != peer:
-            return "node id does not match the connection's routing id"
-        if self.curve is not None and self._known_keys.get(node_id) != user_id:
+        """Why the sender on this connection may not speak for ``node_id``, or None.
+
+        Without CurveZMQ the connection's routing id must be the node id. With it, routing ids
+        are the ROUTER's own (clients do not choose them, so none can take over another's), and
+        the connection's key must be the one ``node_id`` published and still be allowed."""
+        if self.curve is None:
+            return None if node_id.encode() == peer else "node id does not match the connection's routing id"
+        if user_id is None or user_id not in self._allowed_keys:
+            return "the connection's CurveZMQ key is no longer allowed"
+        if self._known_keys.get(node_id) != user_id:
             return "node id does not match the connection's CurveZMQ key"
+        self._routes[node_id] = peer
+        self._routes.move_to_end(node_id)
+        while len(self._routes) > KNOWN_KEYS:
+            self._routes.popitem(last=False)
         return None
+
+    def _route(self, node_id: str) -> bytes:
+        """The result-socket routing id of a thief (with CurveZMQ, learned from its messages)."""
+        return self._routes.get(node_id, b"") if self.curve is not None else node_id.encode()
 
     # ---- loops ----
 
@@ -426,19 +453,28 @@ class Node:
             return cached[1]  # a repeated steal id gets the same grant
         if message.victim_id != self.node_id:  # meant for a process that had our ports before us
             return self.scheduler.refuse_steal(message, "wrong_node")[1]
-        if message.thief_id in self.peers:
-            grant, reply = self.scheduler.on_steal(message, time.time())
-        else:  # not a registered peer of our topic (yet): look again soon; it will ask again
+        thief = self.peers.get(message.thief_id)
+        if thief is None:  # not a registered peer of our topic (yet): look again soon; it will ask again
             grant, reply = self.scheduler.refuse_steal(message, "unknown_peer")
             self._peers_refreshed_at = -1e9
             self._load_changed.set()
-        self._grants[message.steal_id] = (message.thief_id, reply)
-        while len(self._grants) > GRANT_CACHE:
-            self._grants.popitem(last=False)
+        elif thief.model_id != self.engine.model_id:  # its record, not its claim, says what it runs
+            grant, reply = self.scheduler.refuse_steal(message, "model_mismatch")
+        else:
+            grant, reply = self.scheduler.on_steal(message, time.time())
+        self._cache_grant(message.steal_id, message.thief_id, reply)
         if grant.tasks:
             self._note_load_change()
             log.info("granted %d request(s) to %s", len(grant.tasks), message.thief_name)
         return reply
+
+    def _cache_grant(self, steal_id: str, thief_id: str, reply: bytes) -> None:
+        """Keep recent grants for repeated steal ids, bounded in count and in bytes."""
+        self._grants[steal_id] = (thief_id, reply)
+        self._grant_bytes += len(reply)
+        while len(self._grants) > GRANT_CACHE or self._grant_bytes > GRANT_CACHE_BYTES:
+            _, (_, old) = self._grants.popitem(last=False)
+            self._grant_bytes -= len(old)
 
     async def _result_server(self) -> None:
         while True:
@@ -493,6 +529,9 @@ class Node:
         assert self._registry is not None
         records = await self._registry.nodes()
         self._peers_refreshed_at = time.monotonic()
+        if self.curve is not None and self._auth is not None:  # keys added or revoked while we run
+            self.curve.reload_allow_list(self._auth)
+            self._allowed_keys = self.curve.allowed_keys()
         peers: dict[str, PeerLoad] = {}
         for record in records:
             if record.node_id == self.node_id or record.version != PROTOCOL_VERSION:
@@ -500,8 +539,8 @@ class Node:
             if record.steal_endpoint == self.steal_endpoint:  # our predecessor on these ports, not yet expired
                 continue
             problem = record.problem()
-            if problem is None and self.curve is not None and not record.public_key:
-                problem = "no CurveZMQ public key (the peer runs without keys)"
+            if problem is None and self.curve is not None and record.public_key not in self._allowed_keys:
+                problem = "its CurveZMQ public key is missing or not in --curve-allow-dir"
             if problem is None:
                 peer = record.as_peer()
                 if peer.model_id == self.engine.model_id:
@@ -523,8 +562,6 @@ class Node:
         self.peers = peers
         self._links.prune(set(peers) | self.scheduler.remote.origins())
         self._backoff.forget(set(peers))
-        if self.curve is not None and self._auth is not None:
-            self.curve.reload_allow_list(self._auth)
 
     async def _register_first(self) -> None:
         assert self._registry is not None
@@ -586,7 +623,7 @@ class Node:
 
     async def _steal_round(self) -> None:
         cfg = self.config.scheduler
-        if self.scheduler.steal_capacity() is None:
+        if not self._can_steal():
             return
         if self.is_registry_stale:
             await self._probe_peers()  # last-known loads only fall (grants); ask the peers directly
@@ -600,16 +637,21 @@ class Node:
             victims = self._victims()
         for victim in victims:
             capacity = self.scheduler.steal_capacity()
-            if capacity is None or self.is_draining:
+            if capacity is None or not self._can_steal():
                 break
             max_requests, max_tokens = capacity
             self.stats.steals_attempted += 1
             steal = Steal(PROTOCOL_VERSION, uuid.uuid4().hex, victim.node_id, self.node_id, self.name,
-                          self.engine.model_id, min(max_requests, 1024), max_tokens, self.engine.limits.max_model_len)
+                          self.engine.model_id, min(max_requests, MAX_TASKS_PER_GRANT), min(max_tokens, MAX_COUNT),
+                          self.engine.limits.max_model_len)
             grant = await self._links.steal(victim, steal, cfg.steal_timeout)
             if grant is None:
                 self.stats.steals_timed_out += 1
                 self._backoff.fruitless(victim, time.monotonic(), victim.pending)
+                continue
+            if grant.reason == "wrong_node":  # the peer restarted; its ports have a new owner
+                self.peers.pop(victim.node_id, None)
+                self._peers_refreshed_at = -1e9
                 continue
             if grant.tasks:
                 self.stats.steals_granted += 1

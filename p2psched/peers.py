@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import zmq
@@ -28,13 +29,17 @@ log = logging.getLogger(__name__)
 GrantHandler = Callable[[Grant], None]
 LoadHandler = Callable[[LoadReport], None]
 OriginHandler = Callable[[Ack | HeartbeatAck | Cancel], None]
+SENT_IDS = 256  # a late grant is still taken while its steal id is among the last this many
 
 
 class PeerLink:
     def __init__(self, ctx: zmq.asyncio.Context, node_id: str, peer: PeerLoad, curve: CurveKeys | None):
         self.peer = peer
-        self.steal = make_socket(ctx, zmq.DEALER, node_id.encode())
-        self.result = make_socket(ctx, zmq.DEALER, node_id.encode())
+        # Without CurveZMQ the routing id names us to the peer; with it, the peer's ROUTER picks
+        # one (a client-chosen id could be taken over by another allowed key) and our key names us.
+        identity = node_id.encode() if curve is None else None
+        self.steal = make_socket(ctx, zmq.DEALER, identity)
+        self.result = make_socket(ctx, zmq.DEALER, identity)
         try:
             for sock, endpoint in ((self.steal, peer.steal_endpoint), (self.result, peer.result_endpoint)):
                 if curve is not None:
@@ -45,7 +50,13 @@ class PeerLink:
             self.result.close(0)
             raise
         self.waiting: dict[str, asyncio.Future[Grant | LoadReport]] = {}
+        self.sent: OrderedDict[str, None] = OrderedDict()  # recent steal and probe ids: replies to others are dropped
         self.reader: asyncio.Task[None] | None = None
+
+    def remember(self, call_id: str) -> None:
+        self.sent[call_id] = None
+        while len(self.sent) > SENT_IDS:
+            self.sent.popitem(last=False)
 
     def close(self) -> None:
         if self.reader is not None:
@@ -113,6 +124,7 @@ class PeerLinks:
         link = self.link(peer)
         future: asyncio.Future[Grant | LoadReport] = asyncio.get_running_loop().create_future()
         link.waiting[call_id] = future
+        link.remember(call_id)
         try:
             if not self._sender.send(link.steal, [frame]):
                 return None
@@ -158,8 +170,17 @@ class PeerLinks:
                                 self._drops.refuse("result-reply", peer, "origin id is not the link's node id")
 
     def _deliver_grant(self, link: PeerLink, grant: Grant) -> None:
+        peer = link.peer.node_id.encode()
+        if grant.steal_id not in link.sent:
+            self._drops.refuse("steal-reply", peer, "a grant for a steal we did not send")
+            return
         if grant.victim_id != link.peer.node_id:
-            self._drops.refuse("steal-reply", link.peer.node_id.encode(), "grant from another node id than the link's")
+            if grant.reason == "wrong_node" and not grant.tasks:  # the peer restarted on these ports
+                future = link.waiting.get(grant.steal_id)
+                if future is not None and not future.done():
+                    future.set_result(grant)
+                return
+            self._drops.refuse("steal-reply", peer, "grant from another node id than the link's")
             return
         self._on_grant(grant)
         future = link.waiting.get(grant.steal_id)
@@ -169,7 +190,7 @@ class PeerLinks:
             log.info("late grant %s from %s with %d tasks accepted", grant.steal_id, link.peer.name, len(grant.tasks))
 
     def _deliver_load(self, link: PeerLink, report: LoadReport) -> None:
-        if report.node_id != link.peer.node_id:
+        if report.node_id != link.peer.node_id or report.probe_id not in link.sent:
             return
         self._on_load(report)
         future = link.waiting.get(report.probe_id)

@@ -41,14 +41,15 @@ MAX_STOP_TOKEN_IDS = 256
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Name = Annotated[str, msgspec.Meta(max_length=256)]
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
-Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
+MAX_COUNT = 1 << 31
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0.0, le=1e11)]  # finite: NaN and infinity fail the bounds
 FinishReason = Literal["stop", "length", "abort", "error"]
 GrantReason = Literal["ok", "empty", "model_mismatch", "not_accepting", "unknown_peer", "wrong_node"]
 # Why a thief gives a task back unrun: its engine cannot run it, it waited past its deadline
-# before starting, or the thief is shutting down.
-HandbackReason = Literal["cannot_run", "expired", "draining"]
+# before starting, the thief is shutting down, or its queue is full.
+HandbackReason = Literal["cannot_run", "expired", "draining", "full"]
 
 
 class _Base(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):

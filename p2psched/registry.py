@@ -229,11 +229,21 @@ def access_error(exc: BaseException, cfg: SchedulerConfig) -> ConfigError | Regi
     if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.BusyLoadingError,
                         redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)):
         return RegistryUnavailable(text)  # Redis's own state; it may pass
-    if isinstance(exc, (redis.exceptions.ResponseError, redis.exceptions.AuthorizationError)):
-        # NOPERM, a refusal inside the heartbeat script, READONLY (a replica), MOVED (a cluster)
+    if isinstance(exc, (redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError,
+                        redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)) \
+            or (isinstance(exc, redis.exceptions.ResponseError) and _REFUSALS.search(text)):
+        # NOPERM (also inside the heartbeat script), READONLY (a replica), MOVED (a cluster)
         return ConfigError(f"{where} refused a command p2psched needs for {user}: {text} "
                            f"(see 'Securing the registry' in docs/registry.md)")
+    # Anything else Redis answers (MISCONF when it cannot save, MASTERDOWN, BUSY) is its own
+    # state and may pass, like an outage.
     return RegistryUnavailable(text or type(exc).__name__)
+
+
+# Inside a script Redis 6.2 says "The user executing the script can't run this command" or
+# "can't access at least one of the keys"; Redis 7 says NOPERM there too.
+_REFUSALS = re.compile(r"\b(NOPERM|NOAUTH|WRONGPASS|READONLY|MOVED)\b|can't run this command|can't access "
+                       r"at least one of the keys|no permissions")
 
 
 async def verify_access(cfg: SchedulerConfig, timeout: float = 2.0) -> None:

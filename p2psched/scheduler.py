@@ -36,6 +36,8 @@ from .pending import PendingQueue
 from .policy import select_grant
 from .protocol import (
     MAX_GRANT_BYTES,
+    MAX_ITEMS_PER_MESSAGE,
+    MAX_TASKS_PER_GRANT,
     Ack,
     Cancel,
     FinishReason,
@@ -215,9 +217,7 @@ class Scheduler:
                 continue  # aborted while the step ran
             if request.origin_id and out.finish_reason == "error" and not out.new_token_ids:
                 # The engine refused a stolen task after all: its origin runs it instead.
-                fx.to_origin.append((request.origin_id, self._handback([request], "cannot_run")))
-                self.remote.revoke(request.origin_id, request.request_id)
-                self._drop_stolen_in(request.request_id, fx)
+                self._give_back(fx, request.origin_id, [request], "cannot_run")
                 continue
             request.delivered_token_ids += out.new_token_ids
             if request.origin_id:
@@ -306,10 +306,15 @@ class Scheduler:
         fx = Effects()
         back: dict[HandbackReason, list[Task]] = {}
         fresh: list[Task] = []
+        room = self.params.max_queue_len - len(self.pending)
         for task in grant.tasks:
-            if task.request_id in self.requests:
-                continue  # a duplicate grant: already ours
-            refusal = self.params.limits.refusal(task.prompt_token_ids, task.sampling)
+            if task.request_id in self.requests or task.origin_id != grant.victim_id \
+                    or any(t.request_id == task.request_id for t in fresh):
+                continue  # a duplicate, or a task the granting node may not hand out: not ours
+            if len(fresh) >= room:
+                back.setdefault("full", []).append(task)
+                continue
+            refusal = self.params.limits.refusal(task.prompt_token_ids, task.sampling, task.delivered_token_ids)
             if not self.is_accepting_steals:
                 back.setdefault("draining", []).append(task)
             elif refusal is not None:
@@ -320,9 +325,7 @@ class Scheduler:
             else:
                 fresh.append(task)
         for reason, tasks in back.items():
-            items = [HandbackItem(t.request_id, t.epoch, reason) for t in tasks]
-            fx.to_origin.append((tasks[0].origin_id, Handback(PROTOCOL_VERSION, self.params.node_id, items)))
-            self.stats.handed_back += len(items)
+            self._hand_back(fx, grant.victim_id, [(t.request_id, t.epoch) for t in tasks], reason)
         for task in reversed(fresh):  # to the front, in grant order: they start next
             request = Request(task.request_id, list(task.prompt_token_ids), task.sampling, now, task.deadline,
                               delivered_token_ids=list(task.delivered_token_ids), epoch=task.epoch,
@@ -342,10 +345,7 @@ class Scheduler:
             if request.origin_id:
                 by_origin.setdefault(request.origin_id, []).append(request)
         for origin_id, requests in by_origin.items():
-            fx.to_origin.append((origin_id, self._handback(requests, reason)))
-            for request in requests:
-                self.remote.revoke(origin_id, request.request_id)
-                self._drop_stolen_in(request.request_id, fx)
+            self._give_back(fx, origin_id, requests, reason)
         return fx
 
     def on_ack(self, ack: Ack, now: float) -> None:
@@ -374,6 +374,10 @@ class Scheduler:
         for item in msg.items:
             verdict = self.leases.check_tokens(msg.thief_id, item.request_id, item.epoch, item.seq, now)
             request = self.requests.get(item.request_id)
+            if verdict is Verdict.ACCEPT and request is not None and request.state is State.LEASED \
+                    and not self._fits(request, item.token_ids):
+                verdict = Verdict.GAP  # tokens no engine of ours could have made: fence that thief
+                self.stats.invalid_items += 1
             if verdict is Verdict.ACCEPT and request is not None and request.state is State.LEASED:
                 request.has_started = True
                 request.delivered_token_ids += item.token_ids
@@ -425,7 +429,7 @@ class Scheduler:
                 continue  # not this thief's lease (any more): nothing to take back
             self.leases.release(item.request_id)
             self.stats.handbacks_received += 1
-            if item.reason == "expired":
+            if item.reason == "expired" and request.deadline <= now:  # by our clock, not the thief's
                 self._end(request, State.FAILED, fx, error="request timed out waiting to be scheduled")
                 continue
             if item.reason == "cannot_run":
@@ -455,20 +459,25 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.has_started or request.state not in (State.PENDING, State.LEASED):
                 continue
+            grace = request.deadline + self.params.lease_timeout
+            if request.state is State.LEASED and not request.origin_id and now < grace:
+                # The thief may have started it just now and its heartbeat is on the way: it has a
+                # lease timeout to say so (or to hand the task back as expired).
+                heapq.heappush(self._deadlines, (grace, request_id))
+                continue
             if request.origin_id:  # a stolen task that never started here: its origin fails it
                 expired.setdefault(request.origin_id, []).append(request)
             else:
                 self._end(request, State.FAILED, fx, error="request timed out waiting to be scheduled")
         for origin_id, requests in expired.items():
-            fx.to_origin.append((origin_id, self._handback(requests, "expired")))
-            for request in requests:
-                self.remote.revoke(origin_id, request.request_id)
-                self._drop_stolen_in(request.request_id, fx)
+            self._give_back(fx, origin_id, requests, "expired")
         if now - self._last_heartbeat >= self.params.heartbeat_interval:
             self._last_heartbeat = now
             if engine_ok:
                 for origin_id, refs in self.remote.heartbeats(self._is_running).items():
-                    fx.to_origin.append((origin_id, Heartbeat(PROTOCOL_VERSION, self.params.node_id, refs)))
+                    for start in range(0, len(refs), MAX_ITEMS_PER_MESSAGE):
+                        fx.to_origin.append((origin_id, Heartbeat(PROTOCOL_VERSION, self.params.node_id,
+                                                                  refs[start:start + MAX_ITEMS_PER_MESSAGE])))
             again, given_up = self.remote.retransmits(now, self.params.heartbeat_interval)
             for origin_id, item in again:
                 fx.to_origin.append((origin_id, self._tokens([item])))
@@ -483,10 +492,23 @@ class Scheduler:
     def _tokens(self, items: list[TokenItem]) -> Tokens:
         return Tokens(PROTOCOL_VERSION, self.params.node_id, self.params.node_name, items)
 
-    def _handback(self, requests: list[Request], reason: HandbackReason) -> Handback:
-        self.stats.handed_back += len(requests)
-        return Handback(PROTOCOL_VERSION, self.params.node_id,
-                        [HandbackItem(r.request_id, r.epoch, reason) for r in requests])
+    def _give_back(self, fx: Effects, origin_id: str, requests: list[Request], reason: HandbackReason) -> None:
+        """Hand stolen tasks we hold back to their origin and forget them here."""
+        self._hand_back(fx, origin_id, [(r.request_id, r.epoch) for r in requests], reason)
+        for request in requests:
+            self.remote.revoke(origin_id, request.request_id)
+            self._drop_stolen_in(request.request_id, fx)
+
+    def _hand_back(self, fx: Effects, origin_id: str, refs: list[tuple[str, int]], reason: HandbackReason) -> None:
+        self.stats.handed_back += len(refs)
+        for start in range(0, len(refs), MAX_TASKS_PER_GRANT):  # the protocol's cap per message
+            items = [HandbackItem(rid, epoch, reason) for rid, epoch in refs[start:start + MAX_TASKS_PER_GRANT]]
+            fx.to_origin.append((origin_id, Handback(PROTOCOL_VERSION, self.params.node_id, items)))
+
+    def _fits(self, request: Request, token_ids: list[int]) -> bool:
+        """Token ids a thief sends must be in our vocabulary and within max_tokens."""
+        return (len(request.delivered_token_ids) + len(token_ids) <= request.sampling.max_tokens
+                and all(t < self.params.limits.vocab_size for t in token_ids))
 
     def _is_running(self, request_id: str) -> bool:
         request = self.requests.get(request_id)

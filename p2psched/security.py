@@ -12,7 +12,9 @@ connection of the node is encrypted and authenticated:
   published in its registry record, so a thief only talks to the node the registry named;
 - a message that names a node id (a Steal's thief id, a Tokens/Heartbeat/Handback sender) is
   accepted only if that node's published public key is the ``User-Id`` of the connection it
-  came on (``Node``), so one allowed peer cannot speak for another.
+  came on and is still in the allow-list (``Node``), so one allowed peer cannot speak for
+  another and a revoked key stops working on connections already made; clients do not set
+  routing ids, so replies for a node go only to the connection its messages came on.
 
 Without keys nothing is encrypted, and a node that binds a non-loopback address warns loudly.
 """
@@ -85,7 +87,17 @@ class CurveKeys:
         return auth
 
     def reload_allow_list(self, auth: AsyncioAuthenticator) -> None:
+        """New handshakes see the directory as it is now (connections already made are checked
+        per message against ``allowed_keys``)."""
         auth.configure_curve(domain="*", location=str(self.allow_dir))
+
+    def allowed_keys(self) -> frozenset[str]:
+        """The z85 public keys in the allow-list directory now (none if it cannot be read)."""
+        try:
+            return frozenset(key.decode("ascii") for key in zmq.auth.load_certificates(self.allow_dir))
+        except (OSError, ValueError):
+            log.warning("cannot read --curve-allow-dir %s: no peer is allowed until it can be read", self.allow_dir)
+            return frozenset()
 
 
 def is_loopback(host: str) -> bool:

@@ -26,6 +26,7 @@ class Stats:
     lease_expiries: int = 0
     stream_gaps: int = 0
     duplicate_items: int = 0
+    invalid_items: int = 0  # token items no engine of ours could have made (fenced like a gap)
     stale_items: int = 0
     token_messages_sent: int = 0
     token_items_forwarded: int = 0

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -259,3 +260,15 @@ def test_a_steal_meant_for_a_previous_process_on_these_ports_leases_nothing(clus
         for i, future in enumerate(futures):
             assert future.result(60)["choices"][0]["token_ids"] == expected_for(i, 30)
     assert node.stats()["stats"]["stolen_out"] == 0
+
+
+def test_json_nested_past_the_parsers_depth_is_a_400(cluster_factory):
+    node = cluster_factory(1, scheduler_name="local").nodes[0]
+    request = urllib.request.Request(node.url + "/v1/completions", data=b"[" * 50_000,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        status = 200
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    assert status == 400 and node.stats()["stats"]["loop_errors"] == {}

@@ -192,6 +192,11 @@ def test_a_thief_whose_engine_hangs_stops_vouching_and_its_work_is_resumed(clust
         thief.proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: http_json(thief.url + "/health", timeout=2)[1].get("status") == "engine_stalled",
                  timeout=10)
+        stolen = thief.stats()["stats"]["stolen_in"]
+        wait_for(lambda: origin.stats()["stats"]["lease_expiries"] >= 1, timeout=10)
+        time.sleep(1.0)  # the thief has free slots again (its tasks were taken back): it must not steal
+        assert http_json(thief.url + "/health", timeout=2)[1].get("status") == "engine_stalled"
+        assert thief.stats()["stats"]["stolen_in"] == stolen  # a hung engine steals nothing
         results = {i: f.result(timeout=120) for i, f in futures.items()}
     for i, (chunks, last) in results.items():
         assert [t for chunk in chunks for t in chunk] == expected_for(i, max_tokens), f"request {i}"

@@ -94,3 +94,28 @@ def test_cli_reports_unreachable_redis_in_one_line():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: cannot reach Redis") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_redis_errors_are_sorted_into_refusals_and_outages():
+    """What needs an operator (a refused command) stops a node at start; Redis's own passing
+    states (MISCONF when it cannot save, BUSY, OOM) do not."""
+    import redis.exceptions as rex
+
+    from p2psched.config import SchedulerConfig
+    from p2psched.errors import ConfigError, RegistryUnavailable
+    from p2psched.registry import access_error
+
+    cfg = SchedulerConfig()
+    refusals = [rex.NoPermissionError("NOPERM no permissions to run the 'zadd' command"),
+                rex.ResponseError("Error running script (call to f_x): @user_script:2: NOPERM this user has no "
+                                  "permissions to access one of the keys"),
+                rex.ResponseError("Error running script (call to f_b): @user_script:1: @user_script: 1: The user "
+                                  "executing the script can't run this command or subcommand"),  # Redis 6.2
+                rex.ReadOnlyError("READONLY You can't write against a read only replica."),
+                rex.AuthenticationError("WRONGPASS invalid username-password pair")]
+    outages = [rex.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable"),
+               rex.BusyLoadingError("LOADING Redis is loading the dataset in memory"),
+               rex.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'"),
+               rex.ResponseError("BUSY Redis is busy running a script"), rex.ConnectionError("refused")]
+    assert all(isinstance(access_error(e, cfg), ConfigError) for e in refusals)
+    assert all(isinstance(access_error(e, cfg), RegistryUnavailable) for e in outages)

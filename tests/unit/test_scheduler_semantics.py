@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgspec
+
 from p2psched import PROTOCOL_VERSION
 from p2psched.engine import EngineLimits
 from p2psched.policy import PeerLoad, StealBackoff
@@ -207,3 +209,76 @@ def test_finished_requests_do_not_pile_up_in_the_deadline_heap():
         side.apply(side.sched.tick(0.0))
     assert not side.sched.requests
     assert len(side.sched._deadlines) <= 1024 + 1
+
+
+def test_tokens_no_engine_of_ours_could_make_fence_the_thief():
+    """An id past the vocabulary (it would crash the engine on resume) or more tokens than
+    max_tokens: the item is not delivered, the thief is fenced, the origin resumes exactly."""
+    from p2psched.protocol import TokenItem, Tokens
+
+    for bad in ([LIMITS.vocab_size], [1] * 6):
+        pair = Pair()
+        ids = [submit(pair.origin, i, 5) for i in range(4)]
+        rid = pair.steal(max_requests=1).tasks[0].request_id
+        fx = pair.origin.sched.on_tokens(Tokens(PROTOCOL_VERSION, "thief", "t", [TokenItem(rid, 0, 0, bad)]), 0.0)
+        pair.origin.apply(fx)
+        request = pair.origin.sched.requests[rid]
+        assert request.delivered_token_ids == [] and request.epoch == 1 and request.state is not State.LEASED
+        assert pair.origin.sched.stats.invalid_items == 1 and rid not in pair.origin.client
+        pair.run(100)
+        for i, r in enumerate(ids):
+            assert pair.origin.tokens_of(r) == expected(i, 5), r
+
+
+def test_a_thief_takes_only_what_the_granting_origin_may_hand_out():
+    """Tasks naming another origin and repeated ids are dropped; past the queue's room they go
+    back as "full" (not "cannot run": the origin may grant them to this thief later)."""
+    pair = Pair()
+    for i in range(8):
+        submit(pair.origin, i, 5)
+    steal = Steal(PROTOCOL_VERSION, "s", "origin", "thief", "t", "model", 4, 10_000, 1000)
+    grant, _ = pair.origin.sched.on_steal(steal, 0.0)
+    assert len(grant.tasks) >= 2
+    foreign = msgspec.structs.replace(grant.tasks[0], request_id="other-1", origin_id="someone-else")
+    forged = msgspec.structs.replace(grant, tasks=[*grant.tasks, grant.tasks[0], foreign])
+    pair.thief.sched.params = dataclasses.replace(pair.thief.sched.params, max_queue_len=1)
+    fx = pair.thief.sched.on_grant(forged, 0.0)
+    held = set(pair.thief.sched.requests)
+    assert "other-1" not in held and held <= {t.request_id for t in grant.tasks}
+    backs = [m for dest, m in fx.to_origin if isinstance(m, Handback)]
+    assert [dest for dest, m in fx.to_origin if isinstance(m, Handback)] == ["origin"] * len(backs)
+    assert {item.reason for m in backs for item in m.items} == {"full"}
+    assert len(held) + sum(len(m.items) for m in backs) == len(grant.tasks)
+
+
+def test_an_expired_handback_before_our_deadline_is_run_not_failed():
+    """The thief's clock may run ahead: the origin fails a request only by its own clock."""
+    from p2psched.protocol import HandbackItem
+
+    pair = Pair()
+    for i in range(4):
+        submit(pair.origin, i, 5)
+    rid = pair.steal(max_requests=1).tasks[0].request_id
+    pair.origin.apply(pair.origin.sched.on_handback(
+        Handback(PROTOCOL_VERSION, "thief", [HandbackItem(rid, 0, "expired")]), 1.0))
+    assert pair.origin.sched.requests[rid].state is State.PENDING and rid not in pair.origin.client
+
+
+def test_a_leased_request_gets_a_lease_timeout_past_its_deadline_to_be_reported_started():
+    """A thief may admit a task just before its deadline, its heartbeat on the way: the origin
+    waits one lease timeout past the deadline before failing a leased request that has not
+    been reported started."""
+    from p2psched.protocol import LeaseRef
+
+    for started in (True, False):
+        side = Side("origin")
+        for i in range(4):
+            submit(side, i, 900)
+        rid = steal_from(side, max_requests=1).tasks[0].request_id
+        side.apply(side.sched.on_heartbeat(Heartbeat(PROTOCOL_VERSION, "thief", [LeaseRef(rid, 0, False)]), 29.5))
+        side.apply(side.sched.tick(30.2))  # past the deadline (30), within the grace
+        assert rid not in side.client
+        side.apply(side.sched.on_heartbeat(Heartbeat(PROTOCOL_VERSION, "thief", [LeaseRef(rid, 0, started)]), 30.3))
+        side.apply(side.sched.tick(31.1))
+        failed = rid in side.client and side.client[rid][-1].error is not None
+        assert failed is not started
