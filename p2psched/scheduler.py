@@ -306,11 +306,12 @@ class Scheduler:
         fx = Effects()
         back: dict[HandbackReason, list[Task]] = {}
         fresh: list[Task] = []
+        seen: set[str] = set()
         room = self.params.max_queue_len - len(self.pending)
         for task in grant.tasks:
-            if task.request_id in self.requests or task.origin_id != grant.victim_id \
-                    or any(t.request_id == task.request_id for t in fresh):
+            if task.request_id in self.requests or task.origin_id != grant.victim_id or task.request_id in seen:
                 continue  # a duplicate, or a task the granting node may not hand out: not ours
+            seen.add(task.request_id)
             if len(fresh) >= room:
                 back.setdefault("full", []).append(task)
                 continue
