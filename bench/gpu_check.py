@@ -4,10 +4,11 @@
 2. kernel speed: prefill attention TFLOP/s beside torch SDPA (flash backend), decode attention
    GB/s beside a measured device-to-device copy bandwidth;
 3. engine decode throughput on the Llama-1B-shaped preset at batch 1, 16, 64 beside its memory
-   roofline (bytes read per step / copy bandwidth);
+   roofline (bytes read per step / copy bandwidth), eager and from CUDA graphs (whose greedy
+   streams must be identical), and the kernel variants compiled after warm-up (must be none);
 4. a two-node run on the one GPU, with stolen requests checked token for token;
 and first, ``pytest tests/gpu`` (the GPU-only tests: bf16 kernels, the engine with and without
-CUDA graphs against the torch backend).
+CUDA graphs against the torch backend and against each other, no compilation while serving).
 
 Each section is timed and guarded: a failure becomes a FAIL row, the others still run.
 """
@@ -95,7 +96,7 @@ def section_tests() -> None:
     import subprocess
 
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=360)
     summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
     if proc.returncode not in (0, 5):
         print(proc.stdout[-6000:], proc.stderr[-2000:], sep="\n")
@@ -121,13 +122,14 @@ def section_correctness() -> None:
         q = torch.randn(sum(query_lens), kv_heads * group, head_dim, device=DEVICE).to(DTYPE)
         expected = paged_attention_reference(q.float(), cache.float(), query_lens, context_lens, tables,
                                              head_dim ** -0.5)
-        for splits in (1, 4):
+        for partition in (None, size(256, 16)):  # whole rows; rows split into parts
             out = torch.full_like(q, float("nan"))
-            paged_attention(q, cache, plan(query_lens, context_lens, tables, group, q.device, num_splits=splits),
+            paged_attention(q, cache, plan(query_lens, context_lens, tables, group, q.device, partition=partition),
                             head_dim ** -0.5, out=out)
             err = (out.float() - expected).abs().max().item()
             ok = err < 2e-2 and not torch.isnan(out).any().item()
-            row("correct", f"paged attn {str(DTYPE)[6:]} d={head_dim} gqa={group} splits={splits}", f"max err {err:.1e}",
+            row("correct", f"paged attn {str(DTYPE)[6:]} d={head_dim} gqa={group} partition={partition}",
+                f"max err {err:.1e}",
                 "OK (tol 2e-2)" if ok else "FAIL")
     tokens, blocks = size(4096, 64), size(512, 8)
     k = torch.randn(tokens, 8, 128, device=DEVICE).to(DTYPE)
@@ -201,11 +203,15 @@ def section_kernel_speed(bandwidth: float) -> None:
     batch, ctx = size(64, 4), size(2048, 64)
     cache, tables = make_cache([ctx] * batch, kv_heads, d, 16, DTYPE)
     q = torch.randn(batch, heads, d, device=DEVICE).to(DTYPE)
-    for splits in (None, 1):
-        p = plan([1] * batch, [ctx] * batch, tables, heads // kv_heads, q.device, num_splits=splits)
+    from kernels.paged_attention import decode_partition
+
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count if not SMOKE else 132
+    for partition in (size(512, 16), None):  # a split the engine picks for small batches; whole rows (its pick here)
+        p = plan([1] * batch, [ctx] * batch, tables, heads // kv_heads, q.device, partition=partition)
         seconds = timed(lambda: paged_attention(q, cache, p, d ** -0.5))
         read = cache.numel() * cache.element_size()
-        row("speed", f"decode attn {batch}x{ctx} d={d} gqa={heads // kv_heads} splits={p.num_splits}",
+        picked = " (the engine's)" if (partition or 1 << 30) == decode_partition(batch, kv_heads, sm_count) else ""
+        row("speed", f"decode attn {batch}x{ctx} d={d} gqa={heads // kv_heads} parts={p.max_parts}{picked}",
             f"{read / seconds / 1e9:.0f} GB/s",
             f"{read / seconds / bandwidth:.0%} of copy {bandwidth / 1e9:.0f} GB/s; "
             + target(read / seconds / bandwidth >= 0.7, "target >= 70%"))
@@ -217,6 +223,7 @@ def section_kernel_speed(bandwidth: float) -> None:
 
 
 def section_engine(bandwidth: float) -> None:
+    from kernels import compiled_variants
     from server.attention import make_backend
     from server.engine import EngineConfig, LLMEngine
     from server.loader import load
@@ -229,6 +236,7 @@ def section_engine(bandwidth: float) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     cfg = loaded.config
     prompt, steps = size(512, 16), size(40, 3)
+    compiled_while_serving: dict[str, int] = {}  # kernel -> variants compiled after an engine's warm-up
 
     def decode(batch: int, graphs: bool) -> tuple[float, list[list[int]]]:
         """Seconds per decode step at ``batch`` running sequences, and the tokens they made."""
@@ -242,6 +250,7 @@ def section_engine(bandwidth: float) -> None:
                 b.graph is not None for b in engine.graphs.buckets.values()) or SMOKE
             row("engine", f"capture decode graphs, batch <= {batch}", f"{time.perf_counter() - t0:.1f} s",
                 "OK" if captured else "FAIL: capture failed, see the log above")
+        warmed = compiled_variants()
         for i in range(batch):
             engine.add(f"r{i}", [1 + (i * 7 + j) % 250 for j in range(prompt)],
                        SamplingParams(max_tokens=80, ignore_eos=True))
@@ -263,6 +272,9 @@ def section_engine(bandwidth: float) -> None:
         if not SMOKE:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / steps
+        for name, count in compiled_variants().items():
+            if count > warmed.get(name, 0):
+                compiled_while_serving[name] = compiled_while_serving.get(name, 0) + count - warmed.get(name, 0)
         del engine
         if not SMOKE:
             torch.cuda.empty_cache()
@@ -279,8 +291,10 @@ def section_engine(bandwidth: float) -> None:
         same = sum(a == b for a, b in zip(eager_tokens, graph_tokens))
         row("engine", f"decode batch {batch}, ctx ~{prompt + 50}, CUDA graphs", f"{batch / graph_s:.0f} tok/s, "
             f"{graph_s * 1e3:.2f} ms", f"x{graph_s / roofline:.1f} of roofline, x{eager_s / graph_s:.2f} vs eager, "
-            f"{same}/{batch} streams identical" + ("; " + target(graph_s / roofline <= 2, "target <= x2")
-                                                   if batch == 64 else ""))
+            f"{same}/{batch} greedy streams identical" + ("" if same == batch else " (FAIL: they must be)")
+            + ("; " + target(graph_s / roofline <= 2, "target <= x2") if batch == 64 else ""))
+    row("engine", "kernel variants compiled after warm-up, all runs above", str(sum(compiled_while_serving.values())),
+        "OK" if not compiled_while_serving else f"FAIL: {compiled_while_serving}")
 
 
 def section_cluster() -> None:

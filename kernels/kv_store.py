@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# slots: a view into the step's one upload, at an offset that changes with the batch (and loaded as a scalar)
+@triton.jit(do_not_specialize_on_alignment=["slots"])
 def _kv_store_kernel(K, V, Cache, slots, stride_kt, stride_kh, stride_vt, stride_vh, stride_c_kv, stride_c_slot,
                      stride_c_h, HEAD_DIM: tl.constexpr):
     token = tl.program_id(0)

@@ -1,23 +1,35 @@
 """Paged attention for mixed batches: prefill chunks and decode tokens in one step.
 
-Theory of operation. A program owns one block of query tokens of one sequence and one KV
-head. The query heads of that KV group are packed into the rows of the tile (row r is token
-r // GROUP, head r % GROUP), so even a single decode token gives a matrix product of GROUP
-rows rather than a vector. The program walks the sequence's context through its block table,
+Theory of operation. A program owns one block of query tokens of one sequence, one KV head and
+one part of the keys. The query heads of that KV group are packed into the rows of the tile
+(row r is token r // GROUP, head r % GROUP), so even a single decode token gives a matrix
+product of GROUP rows rather than a vector. The program walks its keys through the block table,
 BLOCK_N keys at a time, with an online softmax. Keys every row may see (up to the first row's
 position) are read without masks; only the last stretch, where the causal mask (aligned to the
 end of the context) cuts through the tile, pays for masking.
 
 A step is served by up to two launches that write disjoint rows of the output: decode tokens
-(one query each: a 16-row tile, the key range optionally cut into ``num_splits`` parts,
-flash-decoding, when there are too few programs to fill the GPU; each part writes its
-unnormalised output and (max, sum) to scratch and ``_combine_kernel`` merges them) and prefill
-chunks (a tall tile, BLOCK_M rows, so K/V tiles are reused by many queries).
+(one query each, a 16-row tile) and prefill chunks (a tall tile, BLOCK_M rows, so K/V tiles are
+reused by many queries). A decode row's keys may be cut into parts of ``partition`` keys
+(flash-decoding, when the batch is too small to fill the GPU): each part writes its
+unnormalised output and (max, sum) to scratch and ``_combine_kernel`` merges them. A row's
+parts depend only on its own context length and ``partition``, never on the grid: the grid
+covers the longest context of the batch (or of the model, in a CUDA graph) and programs past a
+row's context exit at once. So one row gives the same floats in any batch that shares the
+partition, padded or not, replayed or launched (``decode_partition`` picks it from the batch's
+size class only).
 
-The launch plan (which program serves which query block, the block tables, the split count)
-is built on the host from host lists and copied to the device in one transfer: no device
-values are read. On CUDA the tile width, warps and pipeline depth are autotuned once per
-(kind of launch, head dim, group, dtype); explicit ``block_n`` skips tuning.
+Compilation. Triton compiles one variant per specialization key: the constexprs, and for other
+arguments whether an int is 1 or a multiple of 16 and whether a pointer is 16-byte aligned.
+Arguments that change from step to step (the block-table width, scratch strides, the partition,
+index tensors that are views into one upload) are excluded with ``do_not_specialize`` /
+``do_not_specialize_on_alignment``, so serving never compiles (tests/unit/test_kernel_specialization.py
+pins the list).
+
+The launch plan (which program serves which query block, the block tables) is built on the host
+from host lists and copied to the device in one non-blocking transfer: no device values are
+read. On CUDA the tile width, warps and pipeline depth are autotuned once per (kind of launch,
+head dim, group, dtype); explicit ``block_n`` skips tuning.
 """
 
 from __future__ import annotations
@@ -66,25 +78,37 @@ def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off
     return acc, m_i, l_i
 
 
-@triton.jit
+# Index tensors are loaded as scalars or gathers: their alignment buys nothing, and the plan's are views into one
+# upload at offsets that change with the batch.
+@triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ms", "partition"],
+            do_not_specialize_on_alignment=["block_tables", "context_lens", "query_lens", "query_starts",
+                                            "qblock_seq", "qblock_first"])
 def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, context_lens, query_lens, query_starts,
                       qblock_seq, qblock_first, scale,
                       stride_qt, stride_qh, stride_ot, stride_oh,
                       stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt,
                       stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
-                      num_splits,
+                      partition,
                       GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    part = tl.program_id(2)
     seq = tl.load(qblock_seq + pid)
     q_first = tl.load(qblock_first + pid)
     query_len = tl.load(query_lens + seq)
     context_len = tl.load(context_lens + seq)
-    q_start = tl.load(query_starts + seq)
 
+    # Keys this block needs: up to its last query's position; this part's share of them.
+    last = tl.minimum(q_first + BLOCK_Q, query_len) - 1
+    kv_end = context_len - query_len + last + 1
+    kv_lo = part * partition
+    if kv_lo >= kv_end:  # the grid covers the longest context; this row has no keys here
+        return
+    kv_hi = tl.minimum(kv_end, kv_lo + partition)
+    num_parts = tl.cdiv(kv_end, partition)
+
+    q_start = tl.load(query_starts + seq)
     rows = tl.arange(0, BLOCK_M)
     token = q_first + rows // GROUP  # query offset inside this sequence's chunk
     head = kv_head * GROUP + rows % GROUP
@@ -95,12 +119,6 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
     q_ptr = Q + (q_start + token)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
 
-    # Keys this block needs: up to its last query's position; this split's share of them.
-    last = tl.minimum(q_first + BLOCK_Q, query_len) - 1
-    kv_end = context_len - query_len + last + 1
-    per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
-    kv_lo = split * per_split
-    kv_hi = tl.minimum(kv_end, kv_lo + per_split)
     # Whole BLOCK_N tiles that every row sees (keys <= the first row's position) need no mask.
     unmasked = tl.maximum(tl.minimum(kv_hi, first_position + 1) - kv_lo, 0) // BLOCK_N * BLOCK_N
     full_hi = kv_lo + unmasked
@@ -115,41 +133,46 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
     acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, Cache, table, full_hi, kv_hi, kv_hi, position, kv_off_head, d,
                                  scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, True, PRECISION)
 
-    if SPLIT:  # decode launches only (BLOCK_Q == 1): scratch row = program id
-        part_row = pid.to(tl.int64)
-        part = PartOut + split * stride_ps + part_row * stride_pt + head[:, None] * stride_ph + d[None, :]
-        tl.store(part, acc, mask=row_ok[:, None])
-        stat = split * stride_ms + part_row * stride_mt + head
-        tl.store(PartM + stat, m_i, mask=row_ok)
-        tl.store(PartL + stat, l_i, mask=row_ok)
-    else:
+    if num_parts == 1:  # the whole context in one part: normalise and store
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         row = (q_start + token).to(tl.int64)
         o_ptr = Out + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    else:  # decode rows only (BLOCK_Q == 1): scratch row = program id, merged by _combine_kernel
+        part_row = pid.to(tl.int64)
+        part_ptr = PartOut + part * stride_ps + part_row * stride_pt + head[:, None] * stride_ph + d[None, :]
+        tl.store(part_ptr, acc, mask=row_ok[:, None])
+        stat = part * stride_ms + part_row * stride_mt + head
+        tl.store(PartM + stat, m_i, mask=row_ok)
+        tl.store(PartL + stat, l_i, mask=row_ok)
 
 
-@triton.jit
-def _combine_kernel(Out, PartOut, PartM, PartL, qblock_seq, qblock_first, query_starts, num_splits,
+@triton.jit(do_not_specialize=["partition", "stride_ps", "stride_ms"],
+            do_not_specialize_on_alignment=["context_lens", "qblock_seq", "query_starts"])
+def _combine_kernel(Out, PartOut, PartM, PartL, context_lens, qblock_seq, query_starts, partition,
                     stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
                     HEAD_DIM: tl.constexpr):
-    """Merge the split parts of one decode token (program id = its scratch row) for one head; the
-    parts' maxima are in log2 units, as the attention kernel keeps them."""
+    """Merge the parts of one decode token (program id = its scratch row) for one head, in part
+    order; a row of one part was stored by the attention kernel. The parts' maxima are in log2
+    units, as the attention kernel keeps them."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
+    seq = tl.load(qblock_seq + pid)
+    num_parts = tl.cdiv(tl.load(context_lens + seq), partition)
+    if num_parts == 1:
+        return
     part_row = pid.to(tl.int64)
-    row = (tl.load(query_starts + tl.load(qblock_seq + pid)) + tl.load(qblock_first + pid)).to(tl.int64)
+    row = tl.load(query_starts + seq).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     m_all = float("-inf")
-    for s in range(0, num_splits):
-        m_all = tl.maximum(m_all, tl.load(PartM + s * stride_ms + part_row * stride_mt + head))
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    for p in range(0, num_parts):
+        m_all = tl.maximum(m_all, tl.load(PartM + p * stride_ms + part_row * stride_mt + head))
     total = 0.0
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    for s in range(0, num_splits):
-        weight = tl.exp2(tl.load(PartM + s * stride_ms + part_row * stride_mt + head) - m_safe)
-        total += weight * tl.load(PartL + s * stride_ms + part_row * stride_mt + head)
-        acc += weight * tl.load(PartOut + s * stride_ps + part_row * stride_pt + head * stride_ph + d)
+    for p in range(0, num_parts):  # every part holds >= 1 visible key: its max is finite
+        weight = tl.exp2(tl.load(PartM + p * stride_ms + part_row * stride_mt + head) - m_all)
+        total += weight * tl.load(PartL + p * stride_ms + part_row * stride_mt + head)
+        acc += weight * tl.load(PartOut + p * stride_ps + part_row * stride_pt + head * stride_ph + d)
     out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(Out + row * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty))
 
@@ -172,11 +195,11 @@ def _tuned(kind: str) -> Any:
     def bench(kernel_call: Any, quantiles: Any) -> Any:  # 5 + 25 ms per candidate: start-up stays short
         return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
-    return triton.autotune(configs, key=["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM", "SPLIT"],
-                           do_bench=bench)(_attention_kernel)
+    return triton.autotune(configs, key=["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM"], do_bench=bench)(
+        _attention_kernel)
 
 
-_PICKED: dict[tuple[Any, ...], Any] = {}  # (kind, group, tile rows, block size, head dim, split, dtype) -> Config
+_PICKED: dict[tuple[Any, ...], Any] = {}  # (kind, group, tile rows, block size, head dim, dtype) -> Config
 
 
 def tuned_configs() -> dict[str, dict[str, str]]:
@@ -185,16 +208,22 @@ def tuned_configs() -> dict[str, dict[str, str]]:
             for kind in sorted({key[0] for key in _PICKED})}
 
 
+NO_SPLIT = 1 << 30  # a partition longer than any context: one part per row
+MIN_PARTITION = 256  # keys per part: shorter parts cost more in scratch traffic and merging than they gain
+REFERENCE_CONTEXT = 4096  # the context length the partition is sized to spread over the GPU
+
+
 @dataclass
 class Launch:
     """One kernel launch of a step: its programs (query block -> sequence, first token)."""
 
-    kind: str  # "decode" (one query per sequence) or "prefill" (chunks of BLOCK_Q tokens)
+    kind: str  # "decode" (one query per sequence) or "prefill" (chunks of block_q tokens)
     qblock_seq: torch.Tensor  # int32 [programs]
     qblock_first: torch.Tensor  # int32 [programs]
     programs: int
     block_q: int
-    num_splits: int
+    partition: int  # keys per part of a row's context (NO_SPLIT: one part)
+    max_parts: int  # the grid's third axis: parts of the longest context the launch may see
 
 
 @dataclass
@@ -209,33 +238,55 @@ class AttentionPlan:
     launches: list[Launch]
 
     @property
-    def num_splits(self) -> int:
-        return max(launch.num_splits for launch in self.launches)
+    def max_parts(self) -> int:
+        return max(launch.max_parts for launch in self.launches)
+
+    def write_decode(self, context_lens: torch.Tensor, tables: torch.Tensor, longest: int | None = None) -> None:
+        """Copy one step into a static decode plan (``decode_buffers``): context lengths [rows] and the
+        first ``tables.shape[1]`` columns of the block tables [rows, used], int32 host tensors, in place
+        (the buffers are a CUDA graph's inputs). ``longest``: size the grid for that context (an eager
+        launch); None keeps the grid (a graph, captured for the longest context the buffers hold)."""
+        self.context_lens.copy_(context_lens, non_blocking=True)
+        self.block_tables[:, :tables.shape[1]].copy_(tables, non_blocking=True)
+        if longest is not None:
+            launch = self.launches[0]
+            launch.max_parts = _parts(longest, launch.partition)
 
 
-def decode_splits(num_seqs: int, longest: int, group: int, sm_count: int) -> int:
-    """Key-range parts per decode token: double while the programs fill fewer than two waves of
-    ``sm_count`` multiprocessors and each part keeps at least 256 keys (at most 16 parts)."""
-    programs = num_seqs * max(1, 8 // group)  # rough: KV heads per sequence are a second grid axis
-    splits = 1
-    while splits < 16 and programs * splits < 2 * sm_count and longest // (splits * 2) >= 256:
-        splits *= 2
-    return splits
+def _parts(context: int, partition: int) -> int:
+    return max(1, -(-context // partition))
+
+
+def decode_partition(num_rows: int, kv_heads: int, sm_count: int, min_partition: int = MIN_PARTITION) -> int:
+    """Keys per part of a decode row (NO_SPLIT: none), from the batch's size class only: the next power
+    of two of ``num_rows``, never context lengths. A padded CUDA-graph batch and the eager batch it
+    stands for (padded to bucket sizes whose intervals hold no other power of two) therefore split
+    alike and sum the same floats. Split while a part per row and KV head fills fewer than two waves
+    of ``sm_count`` multiprocessors; size the parts so a ``REFERENCE_CONTEXT``-key row fills them."""
+    programs = triton.next_power_of_2(max(1, num_rows)) * kv_heads
+    if programs >= 2 * sm_count:
+        return NO_SPLIT
+    wanted = -(-2 * sm_count // programs)  # parts per row
+    size = REFERENCE_CONTEXT // wanted
+    return max(min_partition, 1 << (size.bit_length() - 1) if size else 0)
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting for the device: a blocking copy would drain its queue first."""
+    return host.to(device, non_blocking=True)
 
 
 def plan(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], group: int,
-         device: torch.device, num_splits: int | None = None, block_m: int | None = None,
-         sm_count: int = 132) -> AttentionPlan:
+         device: torch.device, partition: int | None = None, block_m: int | None = None) -> AttentionPlan:
     """Build the launch plan from host lists. Decode tokens and prefill chunks get a launch each.
-    ``num_splits`` (decode launch) None: split the key range only when the decode programs are too
-    few to fill ``sm_count`` multiprocessors twice over. ``block_m``: rows of a prefill tile
-    (default 128 on CUDA, 64 elsewhere)."""
+    ``partition``: keys per part of a decode row (None: no split; see ``decode_partition``).
+    ``block_m``: rows of a prefill tile (default 128 on CUDA, 64 elsewhere)."""
     if not (len(query_lens) == len(context_lens) == len(block_tables)) or not query_lens:
         raise ValueError("query_lens, context_lens and block_tables must be non-empty and of one length")
     if any(q < 1 or q > c for q, c in zip(query_lens, context_lens)):
         raise ValueError("each sequence needs 1 <= query_len <= context_len")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if partition is not None and partition < 1:
+        raise ValueError(f"partition must be >= 1 key, got {partition}")
+    partition = partition or NO_SPLIT
     block_m = block_m or (128 if device.type == "cuda" else 64)
     decode = [i for i, q in enumerate(query_lens) if q == 1]
     prefill_q = max(1, block_m // group)
@@ -245,11 +296,6 @@ def plan(query_lens: list[int], context_lens: list[int], block_tables: list[list
             for first in range(0, q, prefill_q):
                 prefill_seqs.append(i)
                 prefill_firsts.append(first)
-    splits = 1
-    if decode and num_splits is not None:
-        splits = num_splits
-    elif decode:
-        splits = decode_splits(len(decode), max(context_lens[i] for i in decode), group, sm_count)
     width = max(len(t) for t in block_tables)
     starts = [0]
     for q in query_lens[:-1]:
@@ -262,14 +308,27 @@ def plan(query_lens: list[int], context_lens: list[int], block_tables: list[list
     n = len(query_lens)
     sections = [width * n, n, n, n, len(decode), len(decode), len(prefill_seqs), len(prefill_seqs)]
     flat += context_lens + query_lens + starts + decode + [0] * len(decode) + prefill_seqs + prefill_firsts
-    packed = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
+    packed = _upload(torch.tensor(flat, dtype=torch.int32), device)
     tables, ctx, qlens, qstarts, dec_seq, dec_first, pre_seq, pre_first = torch.split(packed, sections)
     launches = []
     if decode:
-        launches.append(Launch("decode", dec_seq, dec_first, len(decode), 1, splits))
+        parts = _parts(max(context_lens[i] for i in decode), partition)
+        launches.append(Launch("decode", dec_seq, dec_first, len(decode), 1, partition, parts))
     if prefill_seqs:
-        launches.append(Launch("prefill", pre_seq, pre_first, len(prefill_seqs), prefill_q, 1))
+        launches.append(Launch("prefill", pre_seq, pre_first, len(prefill_seqs), prefill_q, NO_SPLIT, 1))
     return AttentionPlan(sum(query_lens), tables.view(n, width), ctx, qlens, qstarts, launches)
+
+
+def decode_buffers(rows: int, max_blocks: int, max_context: int, partition: int | None,
+                   device: torch.device) -> AttentionPlan:
+    """A static plan for ``rows`` decode tokens (row i is sequence i), its tensors allocated once:
+    the inputs of a CUDA graph, filled by ``AttentionPlan.write_decode`` before each run. The grid
+    covers ``max_context`` keys per row; every row starts as context 1 over block 0."""
+    partition = partition or NO_SPLIT
+    arange = torch.arange(rows, dtype=torch.int32, device=device)
+    tables = torch.zeros(rows, max_blocks, dtype=torch.int32, device=device)
+    launch = Launch("decode", arange, torch.zeros_like(arange), rows, 1, partition, _parts(max_context, partition))
+    return AttentionPlan(rows, tables, torch.ones_like(arange), torch.ones_like(arange), arange.clone(), [launch])
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: AttentionPlan, scale: float,
@@ -291,32 +350,31 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
     if tokens != attn_plan.num_tokens:
         raise ValueError(f"q has {tokens} tokens, the plan {attn_plan.num_tokens}")
     group = heads // kv_heads
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out  # contiguous: fixed strides
     if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must match q")
     tune = q.is_cuda and block_n is None
     for launch in attn_plan.launches:
-        splits = launch.num_splits
-        if splits > 1:
-            part = torch.empty(splits, launch.programs, heads, head_dim, dtype=torch.float32, device=q.device)
-            part_m = torch.empty(splits, launch.programs, heads, dtype=torch.float32, device=q.device)
-            part_l = torch.empty_like(part_m)
-            part_strides = (part.stride(0), part.stride(1), part.stride(2), part_m.stride(0), part_m.stride(1))
-        else:
-            part = part_m = part_l = out  # unused
-            part_strides = (0, 0, 0, 0, 0)
+        parts = launch.max_parts
+        # scratch [parts, programs, heads, head_dim] (+ max and sum per head), float32; one element when unsplit
+        part = torch.empty(parts * launch.programs * heads * head_dim if parts > 1 else 1, dtype=torch.float32,
+                           device=q.device)
+        part_m = torch.empty(parts * launch.programs * heads if parts > 1 else 1, dtype=torch.float32,
+                             device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_strides = (launch.programs * heads * head_dim, heads * head_dim, head_dim, launch.programs * heads, heads)
         args = (q, kv_cache, out, part, part_m, part_l, attn_plan.block_tables, attn_plan.context_lens,
                 attn_plan.query_lens, attn_plan.query_starts, launch.qblock_seq, launch.qblock_first,
                 scale * LOG2E,
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-                attn_plan.block_tables.stride(0), *part_strides, splits)
+                attn_plan.block_tables.stride(0), *part_strides, launch.partition)
         block_m = max(16, triton.next_power_of_2(launch.block_q * group))  # tl.dot needs >= 16 rows
         meta = dict(GROUP=group, BLOCK_Q=launch.block_q, BLOCK_M=block_m, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-                    SPLIT=splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: no TF32
-        grid = (launch.programs, kv_heads, splits)
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: no TF32
+        grid = (launch.programs, kv_heads, parts)
         if tune:
-            key = (launch.kind, group, block_m, block_size, head_dim, splits > 1, q.dtype)
+            key = (launch.kind, group, block_m, block_size, head_dim, q.dtype)
             picked = _PICKED.get(key)
             if picked is None:  # first time: the autotuner times its candidates, then launches the best
                 tuner = _tuned(launch.kind)
@@ -326,9 +384,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
                 _attention_kernel[grid](*args, **meta, **picked.all_kwargs())
         else:
             _attention_kernel[grid](*args, **meta, BLOCK_N=block_n or 64)
-        if splits > 1:
-            _combine_kernel[(launch.programs, heads)](out, part, part_m, part_l, launch.qblock_seq,
-                                                      launch.qblock_first, attn_plan.query_starts, splits,
-                                                      out.stride(0), out.stride(1), *part_strides,
-                                                      HEAD_DIM=head_dim)
+        if parts > 1:
+            _combine_kernel[(launch.programs, heads)](out, part, part_m, part_l, attn_plan.context_lens,
+                                                      launch.qblock_seq, attn_plan.query_starts, launch.partition,
+                                                      out.stride(0), out.stride(1), *part_strides, HEAD_DIM=head_dim)
     return out

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# positions: a view into the step's one upload, at an offset that changes with the batch (and loaded as a scalar)
+@triton.jit(do_not_specialize_on_alignment=["positions"])
 def _rotary_kernel(Q, K, positions, Cos, Sin, stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
                    num_q_heads, num_k_heads, HALF: tl.constexpr, HEADS: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)

@@ -39,8 +39,7 @@ class AttentionMetadata:
     block_tables: list[list[int]]
     slot_mapping: torch.Tensor  # [tokens] cache slot (block * block_size + offset) of each new token
     block_size: int
-    _decode_plan: list[DecodeBucket] | None = None
-    _triton_plan: Any = None  # kernels.paged_attention.AttentionPlan, built by the first layer
+    plan: Any = None  # the backend's launch data for this step (``AttentionBackend.plan``), shared by every layer
 
     @property
     def query_starts(self) -> list[int]:
@@ -49,30 +48,22 @@ class AttentionMetadata:
             starts.append(starts[-1] + n)
         return starts
 
-    def decode_plan(self, device: torch.device) -> list[DecodeBucket]:
-        """Index tensors for the decode rows, built once per step and shared by every layer."""
-        if self._decode_plan is None:
-            starts = self.query_starts
-            bs = self.block_size
-            decode = sorted((i for i, n in enumerate(self.query_lens) if n == 1), key=lambda i: self.context_lens[i])
-            self._decode_plan = []
-            for at in range(0, len(decode), DECODE_BUCKET_ROWS):
-                group = decode[at:at + DECODE_BUCKET_ROWS]
-                used = [(self.context_lens[i] + bs - 1) // bs for i in group]
-                tables = torch.zeros(len(group), max(used), dtype=torch.long)
-                for row, (i, n) in enumerate(zip(group, used)):
-                    tables[row, :n] = torch.tensor(self.block_tables[i][:n])
-                lens = torch.tensor([self.context_lens[i] for i in group])
-                inside = torch.arange(max(used) * bs).unsqueeze(0) < lens.unsqueeze(1)  # [n, max_ctx]
-                mask = torch.zeros(inside.shape).masked_fill_(~inside, float("-inf"))  # additive, built once
-                self._decode_plan.append(DecodeBucket(torch.tensor([starts[i] for i in group], device=device),
-                                                      tables.to(device), mask[:, None, None, :].to(device)))
-        return self._decode_plan
+
+WarmUpBatch = tuple[list[int], list[int]]  # (query_lens, context_lens) of one scratch forward pass
 
 
 class AttentionBackend(Protocol):
     name: str
     fused_ops: bool  # the model runs its norms, rotary and SiLU-mul through the Triton kernels too
+
+    def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, device: torch.device) -> None:
+        """Build the step's launch data into ``meta.plan`` (once; every layer shares it). ``forward``
+        calls it when the caller has not."""
+        ...
+
+    def warm_up_batches(self, max_num_seqs: int, max_num_batched_tokens: int, context: int) -> list[WarmUpBatch]:
+        """Batch shapes whose forward passes compile (and tune) every kernel variant serving can launch."""
+        ...
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -102,13 +93,38 @@ class TorchAttention:
     name = "torch"
     fused_ops = False
 
+    def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, device: torch.device) -> None:
+        """Index tensors for the decode rows: sorted by context length, cut in buckets of similar length."""
+        if meta.plan is not None:
+            return
+        starts = meta.query_starts
+        bs = meta.block_size
+        decode = sorted((i for i, n in enumerate(meta.query_lens) if n == 1), key=lambda i: meta.context_lens[i])
+        buckets = []
+        for at in range(0, len(decode), DECODE_BUCKET_ROWS):
+            group = decode[at:at + DECODE_BUCKET_ROWS]
+            used = [(meta.context_lens[i] + bs - 1) // bs for i in group]
+            tables = torch.zeros(len(group), max(used), dtype=torch.long)
+            for row, (i, n) in enumerate(zip(group, used)):
+                tables[row, :n] = torch.tensor(meta.block_tables[i][:n])
+            lens = torch.tensor([meta.context_lens[i] for i in group])
+            inside = torch.arange(max(used) * bs).unsqueeze(0) < lens.unsqueeze(1)  # [n, max_ctx]
+            mask = torch.zeros(inside.shape).masked_fill_(~inside, float("-inf"))  # additive, built once
+            buckets.append(DecodeBucket(torch.tensor([starts[i] for i in group], device=device),
+                                        tables.to(device), mask[:, None, None, :].to(device)))
+        meta.plan = buckets
+
+    def warm_up_batches(self, max_num_seqs: int, max_num_batched_tokens: int, context: int) -> list[WarmUpBatch]:
+        return []  # torch ops: nothing to compile
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv(k, v, kv_cache, meta.slot_mapping)
         if sum(1 for n in meta.query_lens if n == 1) < 2:
             return reference_attention(q, kv_cache, meta, scale)
+        self.plan(meta, q.shape[1], kv_cache.shape[3], q.device)
         out = torch.empty_like(q)
-        for bucket in meta.decode_plan(q.device):
+        for bucket in meta.plan:
             out[bucket.rows] = batched_decode_attention(q[bucket.rows], kv_cache, bucket, scale)
         starts = meta.query_starts
         for i, (query_len, context_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
@@ -119,28 +135,66 @@ class TorchAttention:
 
 
 class TritonAttention:
-    """The GPU path: the KV-store and paged-attention kernels of ``kernels/``; the launch plan
-    is built once per step on the host and shared by every layer."""
+    """The GPU path: the KV-store and paged-attention kernels of ``kernels/``. The launch plan is
+    built once per step on the host and shared by every layer. Decode rows split their keys by the
+    batch's size class only (``decode_partition``), so a decode batch gives the same floats whether
+    it runs eagerly or from a CUDA graph padded to a bucket (``static_decode``)."""
 
     name = "triton"
     fused_ops = True
 
-    def __init__(self) -> None:
+    def __init__(self, sm_count: int | None = None, min_partition: int | None = None) -> None:
+        """``sm_count``: multiprocessors to fill (default: device 0's, else 132); ``min_partition``:
+        the shortest part of a split decode row (tests lower it to split tiny contexts)."""
         from kernels import kv_store, paged_attention
 
         self._store = kv_store.kv_store
         self._attention = paged_attention
-        self._sm_count = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() \
-            else 132
+        if sm_count is None:
+            sm_count = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() \
+                else 132
+        self.sm_count = sm_count
+        self.min_partition = min_partition or paged_attention.MIN_PARTITION
+
+    def decode_partition(self, num_rows: int, num_kv_heads: int) -> int:
+        """Keys per part of a decode row in a batch of ``num_rows`` decode rows (eager or padded alike)."""
+        return self._attention.decode_partition(num_rows, num_kv_heads, self.sm_count, self.min_partition)
+
+    def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, device: torch.device) -> None:
+        if meta.plan is not None:
+            return
+        num_decode = sum(1 for n in meta.query_lens if n == 1)
+        meta.plan = self._attention.plan(meta.query_lens, meta.context_lens, meta.block_tables,
+                                         num_heads // num_kv_heads, device,
+                                         partition=self.decode_partition(num_decode, num_kv_heads))
+
+    def static_decode(self, rows: int, max_blocks: int, num_kv_heads: int, slot_mapping: torch.Tensor,
+                      block_size: int) -> AttentionMetadata:
+        """Metadata for a decode batch of a fixed ``rows``, its plan in static buffers (a CUDA graph's
+        inputs): fill them with ``write_static_decode``. It splits as ``plan`` would for ``rows`` rows."""
+        attn_plan = self._attention.decode_buffers(rows, max_blocks, max_blocks * block_size,
+                                                   self.decode_partition(rows, num_kv_heads), slot_mapping.device)
+        return AttentionMetadata([1] * rows, [1] * rows, [], slot_mapping, block_size, plan=attn_plan)
+
+    @staticmethod
+    def write_static_decode(meta: AttentionMetadata, context_lens: torch.Tensor, tables: torch.Tensor,
+                            longest: int | None) -> None:
+        """One step's context lengths [rows] and block tables [rows, used] (int32, host) into a
+        ``static_decode`` plan; ``longest``: size the grid for it (eager), None: keep it (graph)."""
+        meta.plan.write_decode(context_lens, tables, longest)
+
+    def warm_up_batches(self, max_num_seqs: int, max_num_batched_tokens: int, context: int) -> list[WarmUpBatch]:
+        """Every variant, on ``context``-key reads so the autotuner times realistic ones: a prompt chunk
+        (the prefill launch), a full decode batch (the decode launch, tuned), one decode row (split into
+        parts when ``context`` is longer than a part: the merge kernel)."""
+        chunk = min(context, max_num_batched_tokens)
+        return [([chunk], [chunk]), ([1] * max_num_seqs, [context] * max_num_seqs), ([1], [context])]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self._store(k, v, kv_cache, meta.slot_mapping)
-        if meta._triton_plan is None:
-            meta._triton_plan = self._attention.plan(meta.query_lens, meta.context_lens, meta.block_tables,
-                                                     q.shape[1] // kv_cache.shape[3], q.device,
-                                                     sm_count=self._sm_count)
-        return self._attention.paged_attention(q, kv_cache, meta._triton_plan, scale)
+        self.plan(meta, q.shape[1], kv_cache.shape[3], q.device)
+        return self._attention.paged_attention(q, kv_cache, meta.plan, scale)
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:

@@ -18,24 +18,13 @@ from .batcher import Batcher, Scheduled
 from .block_manager import BlockManager
 from .cuda_graphs import DecodeGraphs
 from .detokenizer import Decoder, TextStream
+from .engine_config import EngineConfig  # also imported from here by older callers
 from .model import LlamaModel
 from .model_config import ModelConfig
-from .sampling import SamplingParams, sample
+from .sampling import SamplingBatch, SamplingParams, sample_on_device
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_blocks: int = 0  # 0: size from kv_cache_memory
-    kv_cache_memory: float = 0.0  # bytes on CPU; fraction of free memory on CUDA; 0: default
-    max_model_len: int = 0  # 0: the model's max_position_embeddings (capped at 8192)
-    enable_prefix_caching: bool = True
-    decode_graphs: bool = False  # replay all-decode steps from CUDA graphs (Triton backend)
 
 
 @dataclass(frozen=True)
@@ -67,11 +56,13 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.num_added = 0
         self.eos_token_ids = set(cfg.eos_token_ids)
-        self.graphs: DecodeGraphs | None = None
+        if config.decode_graphs and not self.backend.fused_ops:
+            raise ValueError("decode graphs need the triton attention backend")
         if self.device.type == "cuda" and self.backend.fused_ops:
             self.warm_up()  # compile and tune before the first request, not during it
-        if config.decode_graphs:
-            self.graphs = self._capture_graphs(num_blocks)
+        # Triton backend: every all-decode step runs through static padded buffers, replayed from CUDA
+        # graphs when decode_graphs is on (see cuda_graphs.py); graphs on or off give the same tokens
+        self.graphs: DecodeGraphs | None = self._decode_runner(num_blocks) if self.backend.fused_ops else None
         log.info("engine: %d KV blocks x %d tokens, max %d seqs, %d batched tokens, attention=%s",
                  num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens, self.backend.name)
 
@@ -82,12 +73,14 @@ class LLMEngine:
     def _blocks_from_memory(self) -> int:
         cfg, block = self.cfg, self.config.block_size
         bytes_per_block = 2 * cfg.num_layers * block * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-        if self.device.type == "cuda":
+        if self.config.kv_cache_memory_gib:
+            budget = self.config.kv_cache_memory_gib * (1 << 30)
+        elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * (self.config.kv_cache_memory or 0.8)
+            budget = free * self.config.kv_cache_memory_fraction
         else:
             wanted = self.config.max_num_seqs * self.max_model_len * bytes_per_block // block
-            budget = self.config.kv_cache_memory or min(wanted, 2 << 30)
+            budget = min(wanted, 2 << 30)
         return max(2, int(budget // bytes_per_block))
 
     # ---- API ----
@@ -120,37 +113,35 @@ class LLMEngine:
         batch = self.batcher.schedule()
         if not batch:
             return []
+        sampling = [item.seq for item in batch if item.is_last_chunk]
+        params = SamplingBatch.build([s.params for s in sampling], [len(s.output_ids) for s in sampling],
+                                     self.device) if sampling else None  # uploaded while the host goes on
         logits = self._run(batch)
-        return self._postprocess(batch, logits)
+        tokens = sample_on_device(logits, params) if params is not None else None  # queued, not waited for
+        for item in batch:  # host bookkeeping while the device computes
+            item.seq.num_computed += item.num_tokens
+            self._seal_full_blocks(item.seq)
+        return self._postprocess(sampling, tokens.tolist() if tokens is not None else [])  # the step's one sync
 
     def warm_up(self, context: int = 2048) -> None:
-        """One prefill chunk and two decode batches (split-KV and not) through the model on
-        scratch data: kernels compile, and the autotuner times them on reads of ``context`` keys.
-        Only blocks that are free are written (the prefill's K/V) or read, and free blocks'
-        contents are never read by a request before it writes them. Nothing is sampled."""
+        """Run the attention backend's warm-up batches (``AttentionBackend.warm_up_batches``) through
+        the model on scratch data: every kernel variant serving can launch compiles now, and the
+        autotuner times them on reads of ``context`` keys. Prompt rows write their K/V to the first
+        free blocks, decode rows to the pad slot; free blocks' contents are never read by a request
+        before it writes them. Nothing is sampled."""
         if self.num_added:
             raise RuntimeError("warm_up() runs before the first request: it scribbles on free KV blocks")
-        if self.backend.fused_ops:
-            from kernels.paged_attention import plan  # needs triton: only with the Triton backend
-
         started = time.perf_counter()
         bs = self.config.block_size
         context = max(2, min(context, self.max_model_len, self.blocks.num_blocks * bs))
         blocks = list(range(-(-context // bs)))
-        chunk = min(context, self.config.max_num_batched_tokens)
-        seqs = self.config.max_num_seqs
         pad_slot = self.blocks.num_blocks * bs  # the spare block no request owns
-        # (query_lens, context_lens, splits, slots): a prompt chunk writing blocks 0.., then decode
-        # rows with and without split-KV reading them, writing only the pad slot
-        shapes = [([chunk], [chunk], None, list(range(chunk))), ([1] * seqs, [context] * seqs, 1, [pad_slot] * seqs),
-                  ([1], [context], 4, [pad_slot])]
-        for query_lens, context_lens, splits, slots in shapes:
-            tokens = sum(query_lens)
-            meta = AttentionMetadata(query_lens, context_lens, [blocks] * len(query_lens),
+        for query_lens, context_lens in self.backend.warm_up_batches(self.config.max_num_seqs,
+                                                                     self.config.max_num_batched_tokens, context):
+            slots = [s for q, c in zip(query_lens, context_lens) for s in (range(c - q, c) if q > 1 else [pad_slot])]
+            meta = AttentionMetadata(query_lens, context_lens, [blocks[:-(-c // bs)] for c in context_lens],
                                      torch.tensor(slots, dtype=torch.long, device=self.device), bs)
-            if self.backend.fused_ops:  # the Triton plan, with the split count forced
-                meta._triton_plan = plan(query_lens, context_lens, meta.block_tables,
-                                         self.cfg.num_heads // self.cfg.num_kv_heads, self.device, num_splits=splits)
+            tokens = sum(query_lens)
             self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
                        torch.tensor([c - q + i for q, c in zip(query_lens, context_lens) for i in range(q)],
                                     dtype=torch.long, device=self.device),
@@ -162,16 +153,15 @@ class LLMEngine:
 
     # ---- internals ----
 
-    def _capture_graphs(self, num_blocks: int) -> DecodeGraphs | None:
-        if not self.backend.fused_ops:
-            raise ValueError("decode graphs need the triton attention backend")
-        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.config.block_size, self.max_model_len,
-                              self.config.max_num_seqs, pad_block=num_blocks, capture=self.device.type == "cuda")
+    def _decode_runner(self, num_blocks: int) -> DecodeGraphs:
+        capture = self.config.decode_graphs and self.device.type == "cuda"
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.config.block_size,
+                              self.max_model_len, self.config.max_num_seqs, pad_block=num_blocks, capture=capture)
         try:
             graphs.warm_up_and_capture(num_blocks)
-        except Exception:  # e.g. an op that cannot be captured: serve eagerly rather than not at all
+        except Exception:  # e.g. an op that cannot be captured: launch eagerly (same plan, same tokens)
             log.exception("decode graph capture failed; decode steps run eagerly")
-            return None
+            graphs.stop_capturing()
         return graphs
 
     def _run(self, batch: list[Scheduled]) -> torch.Tensor:
@@ -194,25 +184,17 @@ class LLMEngine:
             replayed = self.graphs.run(token_ids, positions, slots, context_lens, tables)
             if replayed is not None:
                 return replayed
-        meta = AttentionMetadata(
-            query_lens=[item.num_tokens for item in batch],
-            context_lens=context_lens,
-            block_tables=tables,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_size=bs)
-        logits: torch.Tensor = self.model(torch.tensor(token_ids, dtype=torch.long, device=self.device),
-                          torch.tensor(positions, dtype=torch.long, device=self.device),
-                          self.kv_caches, meta, self.backend,
-                          torch.tensor(logit_rows, dtype=torch.long, device=self.device))
+        # one upload, not waited for (a blocking copy would first drain the device's queue)
+        packed = torch.tensor(token_ids + positions + slots + logit_rows, dtype=torch.long).to(self.device,
+                                                                                              non_blocking=True)
+        ids, pos, slot_mapping, rows = torch.split(packed, [len(token_ids), len(positions), len(slots),
+                                                            len(logit_rows)])
+        meta = AttentionMetadata(query_lens=[item.num_tokens for item in batch], context_lens=context_lens,
+                                 block_tables=tables, slot_mapping=slot_mapping, block_size=bs)
+        logits: torch.Tensor = self.model(ids, pos, self.kv_caches, meta, self.backend, rows)
         return logits
 
-    def _postprocess(self, batch: list[Scheduled], logits: torch.Tensor) -> list[StepOutput]:
-        sampling = [item.seq for item in batch if item.is_last_chunk]
-        tokens = sample(logits, [s.params for s in sampling], [len(s.output_ids) for s in sampling]) \
-            if sampling else []
-        for item in batch:
-            item.seq.num_computed += item.num_tokens
-            self._seal_full_blocks(item.seq)
+    def _postprocess(self, sampling: list[Sequence], tokens: list[int]) -> list[StepOutput]:
         outputs = []
         for seq, token in zip(sampling, tokens):
             seq.output_ids.append(token)

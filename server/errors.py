@@ -8,3 +8,7 @@ class ServerError(Exception):
 class ModelLoadError(ServerError):
     """A model directory or preset cannot be loaded: missing file, unsupported architecture,
     tensor shape mismatch, bad config value."""
+
+
+class EngineConfigError(ServerError):
+    """An engine setting (``EngineConfig``) is out of range. Raised once, when the config is built."""

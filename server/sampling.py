@@ -1,10 +1,16 @@
-"""Sampling: greedy, temperature, top-k, top-p, with noise that depends only on (seed, position).
+"""Sampling on the device, batched: greedy, temperature, top-k, top-p, with noise that depends
+only on (seed, output position, token id).
 
-Each sampled row gets Gumbel noise from a counter-based hash of (seed, output position, token
-id), computed with int64 tensor arithmetic. A request's token therefore depends only on its own
-logits, its seed and the position, never on batch composition, the device's RNG state or which
-node runs it; a resumed request continues exactly (the position counts tokens already
-delivered).
+Theory of operation. A step's sampled rows become one ``SamplingBatch``: their parameters in
+one host-to-device copy that the host does not wait for. ``sample_on_device`` then works on the
+whole [rows, vocab] logits tensor with torch ops and no per-row Python: greedy rows take the
+argmax; the others divide by their temperature, mask by top-k and top-p, and take the argmax of
+logits + Gumbel noise (the Gumbel-max trick: an exact draw from the softmax). The noise comes
+from a counter-based hash of (seed, output position, token id) in int64 tensor arithmetic, so a
+request's token depends only on its own logits, its seed and the position: never on batch
+composition, the device's RNG state or which node runs it, and a resumed request continues
+exactly (the position counts tokens already delivered). The one wait is the caller's, when it
+reads the tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +41,33 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE
 
 
+@dataclass(frozen=True)
+class SamplingBatch:
+    """The sampled rows' parameters on the device, one row per logits row."""
+
+    seeds: torch.Tensor  # int64 [rows], masked to 63 bits
+    positions: torch.Tensor  # int64 [rows]: output tokens already delivered
+    top_k: torch.Tensor  # int64 [rows]; <= 0: off
+    is_greedy: torch.Tensor  # bool [rows]
+    temperature: torch.Tensor  # float64 [rows]; 1 on greedy rows (never used there)
+    top_p: torch.Tensor  # float64 [rows]; inf when off (so rounding of the running sum never drops a token)
+    all_greedy: bool  # host-side: skip the noise
+    any_filter: bool  # host-side: some row uses top-k or top-p (the sort)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], positions: list[int], device: torch.device) -> SamplingBatch:
+        """One [6, rows] int64 host tensor (floats as their float64 bits), one non-blocking upload."""
+        ints = torch.tensor([[p.seed & _MASK63 for p in params], positions,
+                             [p.top_k for p in params], [int(p.is_greedy) for p in params]], dtype=torch.int64)
+        floats = torch.tensor([[1.0 if p.is_greedy else p.temperature for p in params],
+                               [p.top_p if p.top_p < 1.0 else float("inf") for p in params]], dtype=torch.float64)
+        packed = torch.cat([ints, floats.view(torch.int64)]).to(device, non_blocking=True)
+        seeds, pos, top_k, greedy, temperature, top_p = packed.unbind(0)
+        return cls(seeds, pos, top_k, greedy.bool(), temperature.view(torch.float64), top_p.view(torch.float64),
+                   all(p.is_greedy for p in params),
+                   any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.is_greedy))
+
+
 def hash_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """[rows] seeds and positions -> [rows, vocab] uniforms in (0, 1), deterministic everywhere."""
     ids = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
@@ -45,34 +78,36 @@ def hash_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> to
     return (x.double() + 0.5) / float(1 << 53)
 
 
+def sample_on_device(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits [rows, vocab] float32 -> token ids [rows] int64, on the logits' device (not waited for)."""
+    greedy = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy
+    scaled = logits / batch.temperature.unsqueeze(1).float()  # [rows, vocab]
+    if batch.any_filter:
+        scaled = top_k_top_p_mask(scaled, batch.top_k, batch.top_p)
+    gumbel = -torch.log(-torch.log(hash_uniform(batch.seeds, batch.positions, logits.shape[1])))
+    drawn = (scaled.double() + gumbel).argmax(dim=-1)
+    return torch.where(batch.is_greedy, greedy, drawn)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
-    """logits: [rows, vocab] float32 -> one token id per row."""
-    out = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.is_greedy]
-    if rows:
-        index = torch.tensor(rows, device=logits.device)
-        scaled = logits[index] / torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(1)
-        scaled = _top_k_top_p(scaled, [params[i] for i in rows])
-        seeds = torch.tensor([params[i].seed for i in rows], dtype=torch.int64, device=logits.device)
-        pos = torch.tensor([positions[i] for i in rows], dtype=torch.int64, device=logits.device)
-        gumbel = -torch.log(-torch.log(hash_uniform(seeds, pos, logits.shape[1])))
-        out[index] = (scaled.double() + gumbel).argmax(dim=-1)
-    return [int(t) for t in out.tolist()]
+    """One token id per row of ``logits`` [rows, vocab] (waits for them)."""
+    tokens: list[int] = sample_on_device(logits, SamplingBatch.build(params, positions, logits.device)).tolist()
+    return tokens
 
 
-def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    # logits: [rows, vocab]; masked entries become -inf
-    if all(p.top_k <= 0 and p.top_p >= 1.0 for p in params):
-        return logits
+def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [rows, vocab] with the tokens outside each row's top-k and top-p set to -inf. A row
+    keeps the tokens at or above a cutoff value, so tied logits are kept or dropped together
+    (whatever order the sort left them in); the best token always stays."""
     vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=logits.device)
-    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    drop = ranks >= ks.unsqueeze(1)
-    top_ps = torch.tensor([p.top_p for p in params], device=logits.device, dtype=torch.float32)
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    ranked = logits.sort(dim=-1, descending=True).values  # [rows, vocab]
+    ks = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    keep = torch.arange(vocab, device=logits.device).unsqueeze(0) < ks.unsqueeze(1)  # a prefix of each row
+    probs = ranked.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    drop |= before >= top_ps.unsqueeze(1)
-    drop[:, 0] = False  # the best token always stays (a top_p below float32's range rounds to 0)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    keep &= before < top_p.unsqueeze(1).float()  # still a prefix: ``before`` never decreases
+    keep[:, 0] = True  # a top_p below float32's range rounds to 0; the best token survives it
+    cutoff = ranked.gather(1, keep.sum(dim=-1, keepdim=True) - 1)  # [rows, 1] the last kept value
+    return logits.masked_fill(logits < cutoff, float("-inf"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from server.engine import EngineConfig, LLMEngine
 from server.loader import load
@@ -119,7 +120,7 @@ def test_the_triton_backend_gives_the_torch_backends_tokens():
 
 
 def test_decode_graph_buffers_give_the_eager_tokens():
-    """The static-buffer decode path (padding to a bucket, the pad block, a fixed split count) on
+    """The static-buffer decode path (padding to a bucket, the pad block, the bucket's plan) on
     CPU: the same forward a CUDA graph records, run without capture, under the interpreter."""
     pytest.importorskip("triton")
     from server.attention import TritonAttention
@@ -127,14 +128,58 @@ def test_decode_graph_buffers_give_the_eager_tokens():
     requests = {f"g{i}": (TINY.tokenizer.encode(f"graph check {i} " * (i + 2)),
                           SamplingParams(max_tokens=3 + 2 * i, ignore_eos=True, seed=i, temperature=0.7 * i))
                 for i in range(3)}  # 3 rows pad to the 4-bucket; as they finish, buckets 2 and 1
-    eager = run(LLMEngine(TINY.model, TINY.config, TINY.tokenizer, EngineConfig(kv_cache_blocks=64, block_size=8),
-                          backend=TritonAttention()), requests)
+    expected = run(engine(block_size=8), requests)  # the torch backend
     graphed = LLMEngine(TINY.model, TINY.config, TINY.tokenizer,
-                        EngineConfig(kv_cache_blocks=64, block_size=8, max_num_seqs=4, decode_graphs=True),
-                        backend=TritonAttention())
+                        EngineConfig(kv_cache_blocks=64, block_size=8, max_num_seqs=4, decode_graphs=True,
+                                     max_model_len=128), backend=TritonAttention(min_partition=16))
     assert graphed.graphs is not None and sorted(graphed.graphs.buckets) == [1, 2, 4]
-    assert run(graphed, requests) == eager
+    assert run(graphed, requests) == expected
     assert graphed.graphs.replays >= 6  # decode steps at 3, 2 and 1 running sequences all went through it
+
+
+def test_static_decode_buffers_plan_as_the_eager_path_and_give_its_logits_bit_for_bit():
+    """Why graph and eager decode agree (on an H200 they did not: 3 of 64 greedy streams were
+    identical, because the graph split each row's keys by the model's longest context and the
+    eager path by the step's). A decode batch through a bucket's static buffers (what a CUDA graph
+    records; run here without capture, under the interpreter) is planned as the general path plans
+    the same rows, so their logits are the same bits; a plan with other parts changes them."""
+    pytest.importorskip("triton")
+    from server.attention import TritonAttention
+
+    backend = TritonAttention(sm_count=1024, min_partition=16)  # tiny contexts split into parts of 16 keys
+    eng = LLMEngine(TINY.model, TINY.config, TINY.tokenizer,
+                    EngineConfig(kv_cache_blocks=64, block_size=8, max_num_seqs=4, max_model_len=96),
+                    backend=backend)
+    graphs = eng.graphs
+    assert graphs is not None
+    for n in range(1, 5):  # every batch splits as the bucket it is padded to
+        assert backend.decode_partition(n, TINY.config.num_kv_heads) == \
+            graphs.buckets[graphs.bucket_for(n)].meta.plan.launches[0].partition == 16
+    for i in range(4):
+        eng.add(f"s{i}", TINY.tokenizer.encode(f"same plan {i} " * (2 + i)),
+                SamplingParams(max_tokens=8, ignore_eos=True))
+    eng.step()  # the four prompts
+    batch = eng.batcher.schedule()  # four decode rows of 25 to 56 keys: 2 to 4 parts each
+    assert [item.num_tokens for item in batch] == [1] * 4
+    replays = graphs.replays
+    static = eng._run(batch).clone()
+    assert graphs.replays == replays + 1
+    eng.graphs = None  # the general path, same rows (it rewrites the same K/V)
+    assert torch.equal(eng._run(batch), static)
+    eng.backend = TritonAttention(sm_count=1024, min_partition=64)  # one part per row
+    assert not torch.equal(eng._run(batch), static)
+
+
+def test_bucket_intervals_hold_no_other_power_of_two():
+    """The decode partition follows the next power of two of the row count, so a batch and the
+    bucket it pads to split alike only if no power of two lies strictly between them."""
+    from server.cuda_graphs import bucket_sizes
+
+    for max_num_seqs in range(1, 300):
+        sizes = bucket_sizes(max_num_seqs)
+        assert sizes[0] == 1 and sizes[-1] == max_num_seqs and sizes == sorted(set(sizes))
+        for low, high in zip(sizes, sizes[1:]):
+            assert all((1 << (n - 1).bit_length()) == (1 << (high - 1).bit_length()) for n in range(low + 1, high))
 
 
 def test_decode_graphs_need_the_triton_backend():

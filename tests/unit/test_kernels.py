@@ -58,7 +58,7 @@ def test_paged_attention_matches_the_reference(group, case, dtype):
     q, cache, tables = random_batch(100 * group + case, query_lens, context_lens, 2, group, 16, 8, dtype)
     expected = paged_attention_reference(q.float(), cache.float(), query_lens, context_lens, tables, 0.3)
     out = torch.full_like(q, float("nan"))
-    attn_plan = plan(query_lens, context_lens, tables, group, q.device, num_splits=1, block_m=16)
+    attn_plan = plan(query_lens, context_lens, tables, group, q.device, block_m=16)
     paged_attention(q, cache, attn_plan, 0.3, out=out, block_n=16)
     assert not torch.isnan(out).any(), "output not fully written"
     assert (out.float() - expected).abs().max().item() < TOL[dtype]
@@ -69,45 +69,80 @@ def test_paged_attention_at_model_head_dims(head_dim):
     query_lens, context_lens = [3, 1, 20, 1], [3, 40, 29, 16]
     q, cache, tables = random_batch(head_dim, query_lens, context_lens, 2, 4, head_dim, 16, torch.float16)
     expected = paged_attention_reference(q.float(), cache.float(), query_lens, context_lens, tables, head_dim ** -0.5)
-    for splits in (1, 2):
+    for partition in (None, 16):
         out = torch.full_like(q, float("nan"))
-        attn_plan = plan(query_lens, context_lens, tables, 4, q.device, num_splits=splits, block_m=16)
+        attn_plan = plan(query_lens, context_lens, tables, 4, q.device, partition=partition, block_m=16)
         paged_attention(q, cache, attn_plan, head_dim ** -0.5, out=out, block_n=16)
         assert not torch.isnan(out).any()
         assert (out.float() - expected).abs().max().item() < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("partition", [16, 24, 64])
 @pytest.mark.parametrize("group", [1, 4])
-def test_split_kv_decode_matches_the_reference(splits, group):
-    query_lens, context_lens = [1, 1, 1, 1], [70, 9, 128, 1]  # some splits get no keys at all
-    q, cache, tables = random_batch(splits + group, query_lens, context_lens, 2, group, 32, 16, torch.float32)
+def test_split_kv_decode_matches_the_reference(partition, group):
+    query_lens, context_lens = [1, 1, 1, 1], [70, 9, 128, 1]  # rows of one part and of many; parts past a row's end
+    q, cache, tables = random_batch(partition + group, query_lens, context_lens, 2, group, 32, 16, torch.float32)
     expected = paged_attention_reference(q, cache, query_lens, context_lens, tables, 0.2)
     out = torch.full_like(q, float("nan"))
-    attn_plan = plan(query_lens, context_lens, tables, group, q.device, num_splits=splits)
+    attn_plan = plan(query_lens, context_lens, tables, group, q.device, partition=partition)
+    assert attn_plan.max_parts == -(-128 // partition)
     paged_attention(q, cache, attn_plan, 0.2, out=out, block_n=16)
     assert not torch.isnan(out).any()
     assert (out - expected).abs().max().item() < TOL[torch.float32]
+
+
+def test_a_decode_row_gives_the_same_bits_in_any_batch_of_its_partition():
+    """Why eager and graph decode agree: a row's parts depend on its own context and the partition
+    only. The row alone, beside a longer row (a wider grid) and in a graph's static buffers (a
+    grid for the longest context the model allows) gives identical bits; another partition gives
+    other bits: the H200's eager-vs-graph divergence, where the eager split count followed the
+    step's longest context and the graph's the model's."""
+    from kernels.paged_attention import decode_buffers
+
+    q, cache, tables = random_batch(11, [1, 1], [70, 130], 2, 4, 32, 16, torch.float32)
+
+    def attend(query_lens, context_lens, rows, attn_plan):
+        return paged_attention(q[:len(query_lens)], cache, attn_plan, 0.2, block_n=16)[:rows]
+
+    alone = attend([1], [70], 1, plan([1], [70], tables[:1], 4, q.device, partition=32))
+    pair = attend([1, 1], [70, 130], 2, plan([1, 1], [70, 130], tables, 4, q.device, partition=32))
+    static = decode_buffers(2, 20, 320, 32, q.device)
+    static.write_decode(torch.tensor([70, 130], dtype=torch.int32),
+                        torch.tensor([t + [0] * (9 - len(t)) for t in tables], dtype=torch.int32))
+    assert static.max_parts == 10 and plan([1, 1], [70, 130], tables, 4, q.device, partition=32).max_parts == 5
+    graphed = attend([1, 1], [70, 130], 2, static)
+    assert torch.equal(alone[0], pair[0]) and torch.equal(pair, graphed)
+    other = attend([1, 1], [70, 130], 2, plan([1, 1], [70, 130], tables, 4, q.device, partition=64))
+    assert not torch.equal(other[0], pair[0])
+    assert (other - pair).abs().max().item() < TOL[torch.float32]
 
 
 def test_a_mixed_batch_splits_its_decode_launch_only():
     query_lens, context_lens = [1, 9, 1, 30], [70, 30, 128, 100]
     q, cache, tables = random_batch(7, query_lens, context_lens, 2, 4, 32, 16, torch.float32)
     expected = paged_attention_reference(q, cache, query_lens, context_lens, tables, 0.2)
-    attn_plan = plan(query_lens, context_lens, tables, 4, q.device, num_splits=3, block_m=16)
-    assert [(launch.kind, launch.programs, launch.num_splits) for launch in attn_plan.launches] == \
-        [("decode", 2, 3), ("prefill", 3 + 8, 1)]  # prefill chunks of 16 // 4 = 4 tokens
+    attn_plan = plan(query_lens, context_lens, tables, 4, q.device, partition=48, block_m=16)
+    assert [(launch.kind, launch.programs, launch.max_parts) for launch in attn_plan.launches] == \
+        [("decode", 2, 3), ("prefill", 3 + 8, 1)]  # 128 keys in parts of 48; prefill chunks of 16 // 4 tokens
     out = torch.full_like(q, float("nan"))
     paged_attention(q, cache, attn_plan, 0.2, out=out, block_n=16)
     assert not torch.isnan(out).any()
     assert (out - expected).abs().max().item() < TOL[torch.float32]
 
 
-def test_the_plan_splits_only_small_long_decode_batches():
+def test_the_decode_partition_depends_on_the_batch_size_class_only():
+    """Small batches split (H200: 132 multiprocessors, 8 KV heads), full ones do not; batches of
+    one power-of-two class share a partition, and no context length enters it."""
+    from kernels.paged_attention import NO_SPLIT, decode_partition
+
+    assert [decode_partition(n, 8, 132) for n in (1, 2, 4, 8, 16, 32, 33, 64, 256)] == \
+        [256, 256, 256, 512, 1024, 2048, NO_SPLIT, NO_SPLIT, NO_SPLIT]
+    assert all(decode_partition(n, 2, 132) == decode_partition(1 << (n - 1).bit_length(), 2, 132)
+               for n in range(1, 300))
     tables = [[0] * 64]
-    assert plan([1], [1024], tables, 4, torch.device("cpu")).num_splits > 1
-    assert plan([1] * 200, [1024] * 200, tables * 200, 4, torch.device("cpu")).num_splits == 1
-    assert plan([16], [1024], tables, 4, torch.device("cpu")).num_splits == 1
+    assert plan([1], [1024], tables, 4, torch.device("cpu"), partition=256).max_parts == 4
+    assert plan([1], [1024], tables, 4, torch.device("cpu")).max_parts == 1  # no partition: no split
+    assert plan([16], [1024], tables, 4, torch.device("cpu"), partition=256).max_parts == 1  # prefill: never split
     with pytest.raises(ValueError):
         plan([5], [3], [[0]], 1, torch.device("cpu"))
 
@@ -207,4 +242,4 @@ def test_the_cuda_autotuners_build_with_their_candidates():
     for kind, candidates in (("decode", DECODE_CONFIGS), ("prefill", PREFILL_CONFIGS)):
         tuner = _tuned(kind)
         assert [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuner.configs] == candidates
-        assert tuner.keys == ["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM", "SPLIT"]
+        assert tuner.keys == ["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM"]
