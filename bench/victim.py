@@ -19,11 +19,13 @@ from p2psched.config import NodeConfig, SchedulerConfig, SimEngineConfig
 from p2psched.policy import PeerLoad
 from p2psched.protocol import Sampling
 from p2psched.server import build_node
+from server.engine_config import EngineConfig
 
 
 async def main(num_requests: int, thief_id: str, curve: list[str]) -> None:
     key_file, allow_dir, thief_key = curve if curve else ("", "", "")
-    config = NodeConfig(port=0, engine="sim", max_num_seqs=1, max_queue_len=num_requests + 1, curve_key_file=key_file,
+    config = NodeConfig(port=0, engine="sim", engine_config=EngineConfig(max_num_seqs=1),
+                        max_queue_len=num_requests + 1, curve_key_file=key_file,
                         curve_allow_dir=allow_dir, scheduler=SchedulerConfig(name="local", ttl=1e6, lease_timeout=1e6),
                         sim=SimEngineConfig(decode_step_ms=10_000))
     node = build_node(config)

@@ -154,6 +154,7 @@ class Cluster:
                     *(per_node_args[i] if per_node_args is not None else [])]
             self.nodes.append(NodeProcess(name, port, args, self.log_dir / f"{name}.log"))
         self._scheduler_name = scheduler_name
+        self.topic = topic
 
     def start(self, timeout: float = 60.0) -> Cluster:
         if not self.redis.is_running:

@@ -1,6 +1,10 @@
 """Frozen, validated configuration. Built once from the CLI (see ``server.py``); never mutated.
 
-Variants are made with ``dataclasses.replace``, which re-runs validation.
+Each field names its command-line flag and help in its metadata (``flags.flag``), and
+``flags.py`` generates the parser and builds the config back from it: a setting is written
+once. The engine's own settings are ``server.engine_config.EngineConfig``, nested here as
+``NodeConfig.engine_config`` and handed to the engine as is. Variants are made with
+``dataclasses.replace``, which re-runs validation.
 """
 
 from __future__ import annotations
@@ -8,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from server.engine_config import EngineConfig
+
 from .errors import ConfigError
+from .flags import flag, section
 from .protocol import MAX_CONTEXT_TOKENS
 
 
@@ -26,25 +33,40 @@ def _check_port(name: str, port: int, allow_zero: bool = True) -> None:
 class SchedulerConfig:
     """The ``--scheduler-*`` flags, with FastDeploy's names and meanings, plus our timings."""
 
-    name: Literal["local", "global"] = "local"  # "global" = join the cluster and steal
-    host: str = "127.0.0.1"  # Redis host
-    port: int = 6379  # Redis port
-    db: int = 0
-    username: str = ""  # Redis ACL user ("" = the default user)
-    password: str = ""
-    password_file: str = ""  # read the password from this file (first line) instead of the command line
-    tls: bool = False  # rediss://: TLS to Redis
-    tls_ca_file: str = ""  # CA bundle that signed Redis's certificate ("" = the system's)
-    tls_cert_file: str = ""  # client certificate, for Redis configured with tls-auth-clients
-    tls_key_file: str = ""
-    topic: str = "default"  # namespace: only nodes with the same topic steal from each other
-    ttl: float = 900.0  # longest a request may wait before it first starts on some engine
-    min_load_score: int = 3  # a peer is a victim only with at least this many pending requests
-    load_shards_num: int = 1  # load index split into this many sorted sets
-    heartbeat_interval: float = 1.0  # registry refresh; the node record expires after 3 of these
-    lease_timeout: float = 3.0  # a stolen request silent this long is taken back by its origin
-    steal_timeout: float = 0.25  # a steal RPC unanswered this long moves on to the next peer
-    recheck_interval: float = 0.5  # idle nodes re-check for work at least this often
+    name: Literal["local", "global"] = field(default="local", metadata=flag(
+        "--scheduler-name", "global: register in Redis and steal work; local: serve alone"))
+    host: str = field(default="127.0.0.1", metadata=flag("--scheduler-host", "Redis host"))
+    port: int = field(default=6379, metadata=flag("--scheduler-port", "Redis port"))
+    db: int = field(default=0, metadata=flag("--scheduler-db", "Redis database"))
+    username: str = field(default="", metadata=flag(
+        "--scheduler-username", "Redis ACL user (default: the default user)"))
+    password: str = field(default="", metadata=flag("--scheduler-password", "Redis password (default: none)"))
+    password_file: str = field(default="", metadata=flag(
+        "--scheduler-password-file", "read the Redis password from this file (its first line) instead, keeping "
+                                     "it out of ps"))
+    tls: bool = field(default=False, metadata=flag("--scheduler-tls", "connect to Redis over TLS (rediss://)"))
+    tls_ca_file: str = field(default="", metadata=flag(
+        "--scheduler-tls-ca-file", "CA certificate(s) that signed Redis's certificate (default: the system's)"))
+    tls_cert_file: str = field(default="", metadata=flag(
+        "--scheduler-tls-cert-file", "client certificate, for a Redis with tls-auth-clients"))
+    tls_key_file: str = field(default="", metadata=flag("--scheduler-tls-key-file", "the client certificate's key"))
+    topic: str = field(default="default", metadata=flag(
+        "--scheduler-topic", "namespace: only nodes with the same topic steal from each other"))
+    ttl: float = field(default=900.0, metadata=flag(
+        "--scheduler-ttl", "seconds a request may wait before it first starts on some engine; then its client "
+                           "gets an error"))
+    min_load_score: int = field(default=3, metadata=flag(
+        "--scheduler-min-load-score", "a peer is stolen from only with at least this many pending requests"))
+    load_shards_num: int = field(default=1, metadata=flag(
+        "--scheduler-load-shards-num", "shards (sorted sets) of the Redis load index"))
+    heartbeat_interval: float = field(default=1.0, metadata=flag(
+        "--heartbeat-interval", "seconds between registry heartbeats; a node record expires after three"))
+    lease_timeout: float = field(default=3.0, metadata=flag(
+        "--lease-timeout", "seconds a thief may stay silent before the origin takes its request back"))
+    steal_timeout: float = field(default=0.25, metadata=flag(
+        "--steal-timeout", "seconds to wait for a grant before asking the next peer"))
+    recheck_interval: float = field(default=0.5, metadata=flag(
+        "--recheck-interval", "seconds between an idle node's checks for work to steal, when nothing wakes it"))
 
     def __post_init__(self) -> None:
         _check(self.name in ("local", "global"), f"scheduler name must be local or global, got {self.name!r}")
@@ -82,14 +104,22 @@ class SchedulerConfig:
 class SimEngineConfig:
     """Cost model of the simulated engine (no model, tokens from a hash)."""
 
-    vocab_size: int = 32000
-    max_model_len: int = 4096
-    prefill_ms_per_token: float = 0.02
-    decode_step_ms: float = 2.0  # a decode step with one short sequence
-    decode_ms_per_seq: float = 0.2  # extra per sequence in the batch
-    decode_ms_per_kilotoken: float = 0.05  # extra per 1000 tokens of context in the batch
-    kv_tokens: int = 65536  # KV capacity in tokens: prompt + max_tokens are reserved per request
-    stall_s: float = 0.0  # fault injection: on SIGUSR1 the next step hangs this long (0: SIGUSR1 not handled)
+    vocab_size: int = field(default=32000, metadata=flag(
+        "--sim-vocab-size", "token ids are drawn below this; nodes steal only from peers with the same one"))
+    max_model_len: int = field(default=4096, metadata=flag("--sim-max-model-len", "longest prompt + output"))
+    prefill_ms_per_token: float = field(default=0.02, metadata=flag(
+        "--sim-prefill-ms-per-token", "extra step time per prompt token being prefilled"))
+    decode_step_ms: float = field(default=2.0, metadata=flag(
+        "--sim-decode-step-ms", "time of a decode step with one short sequence"))
+    decode_ms_per_seq: float = field(default=0.2, metadata=flag(
+        "--sim-decode-ms-per-seq", "extra step time per sequence in the batch"))
+    decode_ms_per_kilotoken: float = field(default=0.05, metadata=flag(
+        "--sim-decode-ms-per-kilotoken", "extra step time per 1000 tokens of context in the batch"))
+    kv_tokens: int = field(default=65536, metadata=flag(
+        "--sim-kv-tokens", "KV capacity in tokens; prompt + max_tokens are reserved per request"))
+    stall_s: float = field(default=0.0, metadata=flag(
+        "--sim-stall-s", "fault injection: on SIGUSR1 the next engine step hangs this many seconds, as a wedged "
+                         "accelerator would (default 0: SIGUSR1 is not handled)"))
 
     def __post_init__(self) -> None:
         _check(2 <= self.vocab_size <= 1 << 24, "sim vocab size must be in 2..16M")
@@ -102,39 +132,61 @@ class SimEngineConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """One node: HTTP surface, ZeroMQ endpoints, engine limits and the scheduler."""
+    """One node: HTTP surface, ZeroMQ endpoints, the engine and the scheduler."""
 
-    host: str = "127.0.0.1"  # bind address for HTTP and ZeroMQ
-    advertise_host: str = ""  # address peers use to reach us; defaults to host
-    port: int = 8000  # HTTP
-    metrics_port: int | None = None  # Prometheus /metrics on its own port (also on the HTTP port)
-    max_concurrent_requests: int = 0  # in-flight HTTP requests before 429; 0 = no limit
-    steal_port: int = 0  # 0 = an ephemeral port
-    result_port: int = 0
-    # Ports peers dial, when they differ from the bound ones (NAT, port mapping, a proxy); 0 = bound port.
-    advertise_steal_port: int = 0
-    advertise_result_port: int = 0
-    curve_key_file: str = ""  # CurveZMQ secret key file (python -m p2psched.keys); "" = no encryption/auth
-    curve_allow_dir: str = ""  # directory of peer public key files allowed to connect (needs curve_key_file)
-    node_name: str = ""
-    engine: Literal["real", "sim"] = "real"
-    model: str = ""  # preset name or Hugging Face directory; "" = "tiny" (real) or "sim"
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"  # cuda when available, else cpu
-    max_num_seqs: int = 8
-    max_num_batched_tokens: int = 2048
-    kv_cache_blocks: int = 0  # 0: sized from memory
-    kv_cache_memory_fraction: float = 0.8  # of free GPU memory, when kv_cache_blocks is 0 on CUDA
-    block_size: int = 16
-    max_model_len: int = 0  # 0: the model's own limit (capped at 8192)
-    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
-    attention_backend: str = "auto"  # triton on CUDA, torch elsewhere
-    cuda_graphs: bool = False  # replay decode steps from CUDA graphs (CUDA + triton backend)
-    min_step_ms: float = 0.0  # pace engine steps to at least this long (demos: several "accelerators" on one CPU)
-    max_queue_len: int = 4096  # pending requests beyond this get 503 + Retry-After
-    max_tokens_cap: int = 4096
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    sim: SimEngineConfig = field(default_factory=SimEngineConfig)
+    host: str = field(default="127.0.0.1", metadata=flag("--host", "bind address for HTTP and ZeroMQ"))
+    advertise_host: str = field(default="", metadata=flag(
+        "--advertise-host", "address peers use to reach this node (default: --host, or 127.0.0.1 for 0.0.0.0)"))
+    port: int = field(default=8000, metadata=flag("--port", "HTTP port (also serves /metrics)"))
+    metrics_port: int | None = field(default=None, metadata=flag(
+        "--metrics-port", "a separate port serving Prometheus /metrics (default: none)"))
+    max_concurrent_requests: int = field(default=0, metadata=flag(
+        "--max-concurrent-requests", "in-flight HTTP requests before new ones get 429 (default 0: no limit)"))
+    steal_port: int = field(default=0, metadata=flag("--steal-port", "ZeroMQ steal port (default 0: any free)"))
+    result_port: int = field(default=0, metadata=flag("--result-port", "ZeroMQ result port (default 0: any free)"))
+    advertise_steal_port: int = field(default=0, metadata=flag(
+        "--advertise-steal-port", "steal port peers dial, if it differs from the bound one (NAT, a proxy; "
+                                  "default 0: the bound one)"))
+    advertise_result_port: int = field(default=0, metadata=flag(
+        "--advertise-result-port", "result port peers dial, if it differs from the bound one (default 0: the "
+                                   "bound one)"))
+    curve_key_file: str = field(default="", metadata=flag(
+        "--curve-key-file", "CurveZMQ secret key file (python -m p2psched.keys writes one): encrypt and "
+                            "authenticate every ZeroMQ connection; needs --curve-allow-dir"))
+    curve_allow_dir: str = field(default="", metadata=flag(
+        "--curve-allow-dir", "directory of public key files of the peers allowed to connect"))
+    node_name: str = field(default="", metadata=flag("--node-name", "name shown in the registry and responses"))
+    max_queue_len: int = field(default=4096, metadata=flag(
+        "--max-queue-len", "pending requests before new ones get 503 with Retry-After"))
+    max_tokens_cap: int = field(default=4096, metadata=flag(
+        "--max-tokens-cap", "largest max_tokens a request may ask for (more gets 400); a chat request without "
+                            "max_tokens gets the rest of the context, at most this"))
+    engine: Literal["real", "sim"] = field(default="real", metadata=flag(
+        "--engine", "real: the LLM engine; sim: a cost model for scale experiments", group="engine"))
+    model: str = field(default="", metadata=flag(
+        "--model", "a preset (tiny, small, llama-1b: random weights) or a Hugging Face model directory "
+                   "(default: tiny; sim with --engine sim)", group="engine"))
+    device: str = field(default="auto", metadata=flag(
+        "--device", "auto (CUDA when available), cpu, cuda or cuda:N", group="engine"))
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(default="auto", metadata=flag(
+        "--dtype", "weights and KV cache (auto: float32 on CPU, bfloat16 on CUDA)", group="engine"))
+    attention_backend: Literal["auto", "triton", "torch"] = field(default="auto", metadata=flag(
+        "--attention-backend", "auto: Triton kernels on CUDA, the torch reference elsewhere", group="engine"))
+    cuda_graphs: Literal["auto", "on", "off"] = field(default="auto", metadata=flag(
+        "--cuda-graphs", "replay decode steps from CUDA graphs, one per batch-size bucket, captured at start; "
+                         "auto: on with CUDA and the triton backend, off elsewhere; the bare flag (and "
+                         "FastDeploy's --use-cudagraph) means on", aliases=("--use-cudagraph",), const="on",
+        negation=("--no-cuda-graphs", "off"), group="engine"))
+    cpu_threads: int = field(default=0, metadata=flag(
+        "--cpu-threads", "torch threads on CPU (default 0: torch's choice; 1 when several nodes share a host)",
+        group="engine"))
+    min_step_ms: float = field(default=0.0, metadata=flag(
+        "--min-step-ms", "pace engine steps to at least this many ms, so nodes sharing one CPU behave like "
+                         "separate accelerators (demos; default 0: off)", group="engine"))
+    engine_config: EngineConfig = field(default_factory=EngineConfig, metadata=section("engine"))
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig,
+                                       metadata=section("scheduler (FastDeploy-compatible names)"))
+    sim: SimEngineConfig = field(default_factory=SimEngineConfig, metadata=section("simulated engine (--engine sim)"))
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "host must not be empty")
@@ -149,16 +201,13 @@ class NodeConfig:
         _check(bool(self.curve_key_file) == bool(self.curve_allow_dir),
                "CurveZMQ needs both a key file and an allow-list directory")
         _check(self.engine in ("real", "sim"), f"engine must be 'real' or 'sim', got {self.engine!r}")
-        _check(1 <= self.max_num_seqs <= 4096, f"max num seqs must be in 1..4096, got {self.max_num_seqs}")
-        _check(self.max_num_batched_tokens >= 1, "max num batched tokens must be >= 1")
-        _check(self.kv_cache_blocks >= 0, "kv cache blocks must be >= 0 (0 = size from memory)")
-        _check(0 < self.kv_cache_memory_fraction <= 0.95, "kv cache memory fraction must be in (0, 0.95]")
-        _check(self.block_size in (8, 16, 32, 64, 128), "block size must be 8, 16, 32, 64 or 128")
-        _check(0 <= self.max_model_len <= MAX_CONTEXT_TOKENS,
+        _check(self.engine_config.max_model_len <= MAX_CONTEXT_TOKENS,
                f"max model len must be in 0..{MAX_CONTEXT_TOKENS} (0 = the model's own)")
         _check(self.cpu_threads >= 0, "cpu threads must be >= 0 (0 = torch's default)")
         _check(self.attention_backend in ("auto", "triton", "torch"),
                f"attention backend must be auto, triton or torch, got {self.attention_backend!r}")
+        _check(self.cuda_graphs in ("auto", "on", "off"),
+               f"cuda graphs must be auto, on or off, got {self.cuda_graphs!r}")
         _check(0 <= self.min_step_ms <= 10_000, "min step ms must be in 0..10000")
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
                f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")

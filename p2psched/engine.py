@@ -1,27 +1,21 @@
-"""The engine interface the scheduler drives, and the thread that runs it.
+"""The engine interface: what an engine is asked to do and what it answers.
 
-Any engine (the simulated one here, the real one in ``server/``) implements ``Engine``: plain,
-synchronous, single-owner. ``EngineRunner`` owns the engine in one dedicated thread: the event
-loop hands it requests and aborts through a thread-safe inbox, and receives each step's
-outputs through ``loop.call_soon_threadsafe``. The loop never waits on a step; the step never
-waits on the network.
+Any engine (the simulated one, the real one in ``server/``) implements ``Engine``: plain,
+synchronous, single-owner. It runs in its own process (``engine_core.py``), driven by a busy
+loop; the node talks to it through ``engine_client.py`` with the messages defined here, which
+are msgspec structs so they cross the process boundary as msgpack arrays.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import queue
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+import msgspec
 
 from .errors import ConfigError
 from .protocol import MAX_CONTEXT_TOKENS, FinishReason, Sampling
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,20 +63,34 @@ class Refusal:
     code: str = "invalid_request_error"
 
 
-@dataclass(frozen=True)
-class EngineRequest:
+class EngineRequest(msgspec.Struct, frozen=True, array_like=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling: Sampling
     # Tokens already delivered to the client by an earlier attempt; generation resumes after them.
-    output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = []
 
 
-@dataclass(frozen=True)
-class EngineOutput:
+class EngineOutput(msgspec.Struct, frozen=True, array_like=True):
     request_id: str
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
+
+
+class EngineStats(msgspec.Struct, frozen=True, array_like=True):
+    """What an engine reports about itself with every step (the node never reads engine state)."""
+
+    running: int = 0  # sequences in the engine, waiting or computing
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    prefix_cache_hit_blocks: int = 0
+    prefix_cache_queried_blocks: int = 0
+    preemptions: int = 0
+
+
+class StepResult(msgspec.Struct, frozen=True, array_like=True):
+    outputs: list[EngineOutput]
+    stats: EngineStats
 
 
 class Tokenizer(Protocol):
@@ -117,85 +125,41 @@ class Engine(Protocol):
 
     def has_work(self) -> bool: ...
 
-    def step(self) -> list[EngineOutput]: ...
+    def step(self) -> StepResult: ...
+
+    def stats(self) -> EngineStats: ...
 
 
-StepCallback = Callable[[list[EngineOutput], float], None]
+# ---- messages between the node and its engine process (engine_client.py <-> engine_core.py) ----
 
 
-class EngineRunner:
-    """Runs ``engine.step()`` in a dedicated thread; ``on_outputs(outputs, busy_s)`` on the loop."""
+class Commands(msgspec.Struct, array_like=True):
+    """Node -> engine: everything since the last message, in order: a request to add, or the id
+    of one to abort (an id can be aborted and added again in one message)."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_outputs: StepCallback,
-                 min_step_s: float = 0.0):
-        self._engine = engine
-        self._min_step_s = min_step_s
-        self._loop = loop
-        self._on_outputs = on_outputs
-        self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | str | None]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._failure: BaseException | None = None
-        self._step_started_at: float | None = None  # monotonic, while a step runs (written by the engine thread)
-        self.stopped = asyncio.Event()
+    ops: list[EngineRequest | str] = []
+    stall_s: float = 0.0  # fault injection (sim engine): the next step hangs this long
+    stop: bool = False
 
-    def start(self) -> None:
-        self._thread.start()
 
-    def add(self, request: EngineRequest) -> None:
-        self._inbox.put(("add", request))
+class Step(msgspec.Struct, array_like=True):
+    """Engine -> node: one step's outputs, its wall time, and the engine's stats after it."""
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    outputs: list[EngineOutput]
+    busy_s: float
+    stats: EngineStats
 
-    def stop(self) -> None:
-        self._inbox.put(("stop", None))
 
-    @property
-    def failure(self) -> BaseException | None:
-        return self._failure
+@dataclass(frozen=True)
+class Ready:
+    model_id: str
+    limits: EngineLimits
+    tokenizer: tuple[str, str]  # ("bytes" | "sim" | "hf", path): how the node builds the same tokenizer
+    model_dir: str  # for the chat template; "" for presets and the sim engine
+    stats: EngineStats
 
-    def busy_for(self) -> float:
-        """Seconds the current step has been running; 0 between steps. A step far longer than
-        any normal one means the engine is stuck: its heartbeats must stop vouching for it."""
-        started = self._step_started_at
-        return 0.0 if started is None else time.monotonic() - started
 
-    def _drain(self, block: bool) -> bool:
-        """Apply inbox commands; return False once asked to stop."""
-        while True:
-            try:
-                kind, payload = self._inbox.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                return True
-            block = False
-            if kind == "add":
-                assert isinstance(payload, EngineRequest)
-                self._engine.add(payload)
-            elif kind == "abort":
-                assert isinstance(payload, str)
-                self._engine.abort(payload)
-            else:
-                return False
-
-    def _run(self) -> None:
-        try:
-            while self._drain(block=not self._engine.has_work()):
-                if not self._engine.has_work():
-                    continue
-                self._step_started_at = time.monotonic()
-                started = time.perf_counter()
-                outputs = self._engine.step()
-                busy_s = time.perf_counter() - started
-                self._step_started_at = None
-                if busy_s < self._min_step_s:
-                    time.sleep(self._min_step_s - busy_s)
-                    busy_s = self._min_step_s
-                self._loop.call_soon_threadsafe(self._on_outputs, outputs, busy_s)
-        except BaseException as exc:  # surfaced to the node, which fails its requests and exits
-            log.exception("engine thread crashed")
-            self._failure = exc
-        finally:
-            try:
-                self._loop.call_soon_threadsafe(self.stopped.set)
-            except RuntimeError:  # the node's loop closed first (it waits for us, but only so long)
-                pass
+@dataclass(frozen=True)
+class StartFailed:
+    message: str
+    is_config_error: bool  # a bad flag or model directory (exit 2), not a crash

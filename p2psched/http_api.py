@@ -27,16 +27,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from pydantic import ValidationError
 
 from .containment import Containment
 from .errors import RequestRejected
 from .metrics import CONTENT_TYPE, NodeMetrics
-from .node import Handle, Node
 from .openai_schema import ChatRequest, CompletionRequest, _Sampling, error_response
 from .protocol import Sampling
 from .scheduler import ClientEvent
+from .service import Handle, NodeService
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,34 @@ class Job:
     num_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
+    held: ClientEvent | None = None  # read from the queue, not merged: the next to handle
 
     @property
     def response_id(self) -> str:
         return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.handle.request_id
 
 
+async def _next_events(job: Job) -> ClientEvent:
+    """The next event, merged with those already queued behind it: a stream that fell behind
+    its engine catches up in fewer, larger chunks (one SSE chunk may carry several tokens, as
+    OpenAI's may) instead of falling further behind. An error is never merged into tokens."""
+    events = job.handle.events
+    event, job.held = job.held or await events.get(), None
+    while event.finish_reason is None and event.error is None and not events.empty():
+        after = events.get_nowait()
+        if after.error is not None or after.served_by != event.served_by or after.attempts != event.attempts:
+            job.held = after
+            break
+        event = ClientEvent(event.request_id, event.token_ids + after.token_ids, after.finish_reason, None,
+                            after.served_by, after.attempts)
+    return event
+
+
+_json = msgspec.json.Encoder().encode
+
+
 class HttpServer:
-    def __init__(self, node: Node):
+    def __init__(self, node: NodeService):
         self.node = node
         self.metrics = NodeMetrics(node)
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_as_json(node.containment)])
@@ -146,16 +167,16 @@ class HttpServer:
         return web.json_response({"status": "ok", "node": self.node.name})
 
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self.node.snapshot())
+        return web.json_response(self.node.snapshot().as_json())
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": self.node.config.model_name, "object": "model", "owned_by": "p2psched",
-             "created": int(self.node.started_at), "root": self.node.engine.model_id,
-             "max_model_len": self.node.engine.limits.max_model_len}]})
+            {"id": self.node.model.name, "object": "model", "owned_by": "p2psched",
+             "created": self.node.model.created, "root": self.node.model.model_id,
+             "max_model_len": self.node.model.limits.max_model_len}]})
 
     # ---- the two generation endpoints ----
 
@@ -166,7 +187,7 @@ class HttpServer:
         return await self._serve(request, "chat")
 
     async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
-        cap = self.node.config.max_concurrent_requests
+        cap = self.node.max_concurrent_requests
         if cap and self._in_flight >= cap:
             return self._reject(error_response(429, f"this node already serves {cap} requests; retry later",
                                                "rate_limit_error", code="too_many_requests",
@@ -194,7 +215,7 @@ class HttpServer:
             self._in_flight -= 1
 
     def _reject(self, response: web.Response) -> web.Response:
-        self.node.stats.rejected += 1
+        self.node.note_rejected()
         return response
 
     async def _accept(self, request: web.Request, kind: str) -> Job:
@@ -216,10 +237,10 @@ class HttpServer:
                 "model_attributes_type", "list_type", "union_tag_invalid")
             message = f"{param}: {first['msg']}" if param else first["msg"]
             raise Rejected(error_response(422 if shape else 400, message, param=param)) from None
-        if req.model is not None and req.model not in (node.config.model_name, node.engine.model_id):
+        if req.model is not None and req.model not in (node.model.name, node.model.model_id):
             raise Rejected(error_response(404, f"model {req.model!r} does not exist; this node serves "
-                                               f"{node.config.model_name!r}", param="model", code="model_not_found"))
-        limits = node.engine.limits
+                                               f"{node.model.name!r}", param="model", code="model_not_found"))
+        limits = node.model.limits
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if isinstance(req, ChatRequest):
             try:
@@ -236,7 +257,7 @@ class HttpServer:
             param = "prompt"
         if not prompt_ids:
             raise Rejected(error_response(400, "prompt must not be empty", param=param))
-        cap = node.config.max_tokens_cap
+        cap = node.model.max_tokens_cap
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_TOKENS if kind == "completion" else \
                 max(1, min(cap, limits.max_model_len - len(prompt_ids)))
@@ -272,7 +293,7 @@ class HttpServer:
     def _envelope(self, job: Job, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if job.kind == "chat" else "text_completion"
         return {"id": job.response_id, "object": kind, "created": job.created,
-                "model": job.req.model or self.node.config.model_name}
+                "model": job.req.model or self.node.model.name}
 
     def _choice(self, job: Job, text: str, token_ids: list[int], finish: str | None, chunk: bool,
                 first: bool = False) -> dict[str, Any]:
@@ -340,10 +361,10 @@ class HttpServer:
         served_by = ""
 
         async def send(payload: dict[str, Any]) -> None:
-            await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+            await response.write(b"data: " + _json(payload) + b"\n\n")
 
         while True:
-            event = await job.handle.events.get()
+            event = await _next_events(job)
             self._observe(job, event)
             failure = self._failed(job, event)
             if failure:

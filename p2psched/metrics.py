@@ -1,6 +1,6 @@
 """Prometheus metrics of a node (prometheus-client, text exposition format).
 
-Counters and gauges are read from the node's ``Stats``, scheduler and engine at scrape time by
+Counters and gauges are read from one ``NodeSnapshot`` per scrape (``service.py``) by
 one collector, so nothing on the hot path updates a metric twice. Latency histograms (TTFT,
 inter-token, end-to-end) are observed by the HTTP layer as it streams.
 """
@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .service import NodeService
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -22,11 +22,12 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class _NodeCollector:
-    def __init__(self, node: Node):
+    def __init__(self, node: NodeService):
         self._node = node
 
     def collect(self) -> Iterator[Metric]:
-        node, s = self._node, self._node.stats
+        node = self._node.snapshot()  # one moment per scrape
+        s = node.stats
         labels = ["node"]
         name = [node.name]
 
@@ -49,9 +50,17 @@ class _NodeCollector:
         yield counter("p2psched_requests_received", "Requests accepted from clients", s.received)
         steals = CounterMetricFamily("p2psched_steals", "Steal RPCs sent, by result", labels=["node", "result"])
         for result, value in (("granted", s.steals_granted), ("empty", s.steals_empty),
-                              ("timeout", s.steals_timed_out)):
+                              ("timeout", s.steals_timed_out), ("wrong_node", s.steals_wrong_node)):
             steals.add_metric([node.name, result], value)
         yield steals
+        dropped = CounterMetricFamily("p2psched_grants_dropped", "Grants a thief did not apply, by reason",
+                                      labels=["node", "reason"])
+        for reason, value in sorted(s.grants_dropped.items()):
+            dropped.add_metric([node.name, reason], value)
+        yield dropped
+        yield counter("p2psched_late_grants", "Grants applied after their steal timed out", s.late_grants)
+        yield counter("p2psched_grants_replayed", "Repeated steal ids answered with the cached grant",
+                      s.grants_replayed)
         yield counter("p2psched_steals_attempted", "Steal RPCs sent", s.steals_attempted)
         yield counter("p2psched_requests_stolen_out", "Own requests granted to thieves", s.stolen_out)
         yield counter("p2psched_requests_stolen_in", "Requests taken from victims", s.stolen_in)
@@ -87,31 +96,28 @@ class _NodeCollector:
         yield gauge("p2psched_send_queue_bytes", "Bytes handed to ZeroMQ that peers have not taken yet",
                     node.queued_send_bytes)
         yield counter("p2psched_engine_busy_seconds", "Time the engine spent in steps", s.busy_s)
-        load = node.scheduler.load()
+        load = node.load
         yield gauge("p2psched_queue_length", "Pending (not started) requests", load["pending"])
         yield gauge("p2psched_running_sequences", "Sequences in the engine", load["running"])
         yield gauge("p2psched_load_score", "Load score published to the registry", load["pending"])
-        yield gauge("p2psched_requests_in_flight", "Client requests accepted and not yet answered", node.num_in_flight)
-        yield gauge("p2psched_leases_held", "Own requests leased to thieves now", len(node.scheduler.leases))
-        yield gauge("p2psched_stolen_in_active", "Tasks of other origins held here now", len(node.scheduler.remote))
+        yield gauge("p2psched_requests_in_flight", "Client requests accepted and not yet answered", node.in_flight)
+        yield gauge("p2psched_leases_held", "Own requests leased to thieves now", node.leases_held)
+        yield gauge("p2psched_stolen_in_active", "Tasks of other origins held here now", node.stolen_in_active)
         yield gauge("p2psched_scheduler_requests", "Requests the scheduler tracks (own and stolen-in)",
-                    len(node.scheduler.requests))
-        limits = node.engine.limits
+                    node.scheduler_requests)
         yield gauge("p2psched_kv_reserved_ratio", "KV capacity reserved by admitted requests",
-                    1 - load["free_kv_tokens"] / max(1, limits.max_kv_tokens))
-        engine_stats: dict[str, int] = getattr(node.engine, "stats", dict)()
-        if "kv_blocks_total" in engine_stats:
-            used = engine_stats["kv_blocks_total"] - engine_stats["kv_blocks_free"]
+                    1 - load["free_kv_tokens"] / max(1, node.max_kv_tokens))
+        engine = node.engine  # the engine's stats that came with its last step
+        if engine.kv_blocks_total:
+            used = engine.kv_blocks_total - engine.kv_blocks_free
             yield gauge("p2psched_kv_blocks_used", "KV cache blocks in use", used)
-            yield gauge("p2psched_kv_usage_ratio", "KV cache blocks in use / total",
-                        used / max(1, engine_stats["kv_blocks_total"]))
+            yield gauge("p2psched_kv_usage_ratio", "KV cache blocks in use / total", used / engine.kv_blocks_total)
             yield counter("p2psched_prefix_cache_hit_blocks", "KV blocks served by the prefix cache",
-                          engine_stats["prefix_cache_hit_blocks"])
-            yield counter("p2psched_preemptions", "Sequences preempted for KV space", engine_stats["preemptions"])
-
+                          engine.prefix_cache_hit_blocks)
+            yield counter("p2psched_preemptions", "Sequences preempted for KV space", engine.preemptions)
 
 class NodeMetrics:
-    def __init__(self, node: Node):
+    def __init__(self, node: NodeService):
         self.registry = CollectorRegistry()
         self.registry.register(_NodeCollector(node))  # type: ignore[arg-type]
         labels = ["node"]

@@ -24,6 +24,7 @@ steals are served only to registered peers of the same topic and model.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import random
@@ -31,8 +32,6 @@ import signal
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
@@ -41,8 +40,10 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from . import PROTOCOL_VERSION
 from .config import NodeConfig
 from .containment import Containment, OncePerMinute
-from .engine import ChatTemplateFn, Engine, EngineOutput, EngineRunner, TextStreamFactory, Tokenizer
+from .engine import ChatTemplateFn, EngineOutput, TextStreamFactory, Tokenizer
+from .engine_client import EngineClient
 from .errors import ConfigError, ProtocolError, RegistryUnavailable, RequestRejected
+from .http_api import HttpServer
 from .peers import PeerLinks
 from .policy import PeerLoad, StealBackoff, choose_victims
 from .protocol import (
@@ -63,23 +64,19 @@ from .protocol import (
     encode,
 )
 from .registry import NodeRecord, Registry
-from .request import Request
-from .scheduler import ClientEvent, Effects, Scheduler, SchedulerParams
+from .scheduler import Effects, Scheduler, SchedulerParams
 from .security import CurveKeys, warn_if_open
+from .service import Handle, ModelInfo, NodeSnapshot
 from .stats import Stats
+from .steals import GrantCache, SentSteals
 from .transport import DropLog, Sender, bind, make_socket
-
-if TYPE_CHECKING:
-    from .http_api import HttpServer
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
 PUBLISH_MIN_GAP_S = 0.05  # load changes reach Redis at most this often (and every heartbeat)
 PEER_REFRESH_MIN_GAP_S = 0.1  # an idle node with no victim re-reads the registry at most this often
-GRANT_CACHE = 1024
-GRANT_CACHE_BYTES = 64 * 1024 * 1024
-ENGINE_STOP_WAIT_S = 10.0
+ENGINE_FAILURE_GRACE_S = 5.0  # for clients to get their errors, and for deregistering
 KNOWN_KEYS = 4096  # node id -> public key of peers seen in the registry (node ids never reuse keys)
 
 
@@ -87,18 +84,8 @@ class _Shutdown(Exception):
     """Raised inside the task group once draining is complete: ends every loop."""
 
 
-@dataclass
-class Handle:
-    request: Request
-    events: asyncio.Queue[ClientEvent]
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-
 class Node:
-    def __init__(self, config: NodeConfig, engine: Engine, tokenizer: Tokenizer, text_stream: TextStreamFactory,
+    def __init__(self, config: NodeConfig, engine: EngineClient, tokenizer: Tokenizer, text_stream: TextStreamFactory,
                  chat_template: ChatTemplateFn):
         self.config = config
         self.engine = engine
@@ -128,12 +115,12 @@ class Node:
         self._drops = DropLog(self.stats)
         self._sender = Sender(self.stats)
         self._queued_send_bytes = 0
-        self._links = PeerLinks(self._ctx, self.node_id, self._drops, self._sender, self.containment,
+        self._steals = SentSteals(self.stats)  # thief: steals sent, by id (steals.py)
+        self._grants = GrantCache(self.stats)  # victim: answers to repeated steal ids (steals.py)
+        self._links = PeerLinks(self._ctx, self.node_id, self._drops, self._sender, self.containment, self._steals,
                                 self._on_grant, self._on_load, self._on_origin_message, self.curve)
         self._steal_sock = make_socket(self._ctx, zmq.ROUTER)
         self._result_sock = make_socket(self._ctx, zmq.ROUTER)
-        self._grants: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
-        self._grant_bytes = 0
         self._known_keys: OrderedDict[str, str] = OrderedDict()
         self._routes: OrderedDict[str, bytes] = OrderedDict()  # CurveZMQ: node id -> result routing id
         self._allowed_keys = self.curve.allowed_keys() if self.curve else frozenset()
@@ -146,7 +133,6 @@ class Node:
         self._probed_at = -1e9
         self._stop_requested = asyncio.Event()
         self._rng = random.Random()
-        self._runner: EngineRunner | None = None
         self._registry: Registry | None = None
         self._auth: AsyncioAuthenticator | None = None
         self._http: HttpServer | None = None
@@ -187,18 +173,29 @@ class Node:
     @property
     def is_engine_stalled(self) -> bool:
         """The engine has been inside one step for longer than a lease timeout."""
-        return self._runner is not None and self._runner.busy_for() > self.config.scheduler.lease_timeout
+        return self.engine.busy_for() > self.config.scheduler.lease_timeout
 
-    def snapshot(self) -> dict[str, object]:
-        return {
-            "node_id": self.node_id, "name": self.name, "model_id": self.engine.model_id,
-            "draining": self.is_draining, "registry_stale": self.is_registry_stale,
-            "engine_stalled": self.is_engine_stalled, "public_key": self.curve.public_key if self.curve else "",
-            "steal_endpoint": self.steal_endpoint, "result_endpoint": self.result_endpoint,
-            "peers": sorted(p.name for p in self.peers.values()),
-            "load": self.scheduler.load(), "stats": self.stats.as_dict(),
-            "engine": getattr(self.engine, "stats", dict)(),
-        }
+    @property
+    def model(self) -> ModelInfo:
+        return ModelInfo(self.config.model_name, self.engine.model_id, self.engine.limits, self.config.max_tokens_cap,
+                         int(self.started_at))
+
+    @property
+    def max_concurrent_requests(self) -> int:
+        return self.config.max_concurrent_requests
+
+    def note_rejected(self) -> None:
+        self.stats.rejected += 1
+
+    def snapshot(self) -> NodeSnapshot:
+        scheduler = self.scheduler
+        return NodeSnapshot(
+            self.node_id, self.name, self.engine.model_id, self.is_draining, self.is_registry_stale,
+            self.is_engine_stalled, self.curve.public_key if self.curve else "", self.steal_endpoint,
+            self.result_endpoint, sorted(p.name for p in self.peers.values()), scheduler.load(),
+            copy.deepcopy(self.stats), self.engine.stats, self.engine.pid, len(self._handles),
+            self._queued_send_bytes, len(scheduler.leases), len(scheduler.remote), len(scheduler.requests),
+            self.engine.limits.max_kv_tokens)
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -225,8 +222,6 @@ class Node:
             result_port = self._bind(self._result_sock, "result", cfg.result_port)
             self.steal_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_steal_port or steal_port}"
             self.result_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_result_port or result_port}"
-            from .http_api import HttpServer
-
             http = HttpServer(self)
             self._http = http
             try:
@@ -239,9 +234,7 @@ class Node:
             await self._close()
             raise
         warn_if_open(cfg.host, self.curve)
-        self._runner = EngineRunner(self.engine, asyncio.get_running_loop(), self._on_engine_outputs,
-                                    cfg.min_step_ms / 1000)
-        self._runner.start()
+        self.engine.open(self._ctx, self._on_engine_outputs)
 
     def _bind(self, sock: zmq.asyncio.Socket, what: str, port: int) -> int:
         try:
@@ -259,6 +252,8 @@ class Node:
                 loop.add_signal_handler(sig, self.request_stop)
             except (NotImplementedError, RuntimeError):
                 pass
+        if cfg.engine == "sim" and cfg.sim.stall_s > 0:  # fault injection for the chaos suite
+            loop.add_signal_handler(signal.SIGUSR1, self.engine.stall, cfg.sim.stall_s)
         try:
             async with asyncio.TaskGroup() as group:
                 self._links.start(group)
@@ -285,12 +280,7 @@ class Node:
     async def _close(self) -> None:
         if self._http is not None:
             await self._http.stop()
-        if self._runner is not None:
-            self._runner.stop()
-            try:  # let the engine thread finish its step and say so while the loop still runs
-                await asyncio.wait_for(self._runner.stopped.wait(), ENGINE_STOP_WAIT_S)
-            except TimeoutError:
-                log.warning("engine thread still in a step after %.0f s; exiting anyway", ENGINE_STOP_WAIT_S)
+        await self.engine.close()  # lets the engine finish its step; kills it if it does not
         self._links.close()
         self._steal_sock.close(0)
         self._result_sock.close(0)
@@ -322,17 +312,16 @@ class Node:
     # ---- effects ----
 
     def _apply(self, fx: Effects) -> None:
-        runner = self._runner
+        engine = self.engine
         self._note_load_change()
         for event in fx.client:
             handle = self._handles.get(event.request_id)
             if handle is not None:
                 handle.events.put_nowait(event)
-        if runner is not None:
-            for engine_request in fx.engine_add:
-                runner.add(engine_request)
-            for request_id in fx.engine_abort:
-                runner.abort(request_id)
+        for engine_request in fx.engine_add:
+            engine.add(engine_request)
+        for request_id in fx.engine_abort:
+            engine.abort(request_id)
         for origin_id, message in fx.to_origin:
             try:
                 sent = self._links.send_to_origin(origin_id, message)
@@ -448,9 +437,9 @@ class Node:
             load = self.scheduler.load()
             return encode(LoadReport(PROTOCOL_VERSION, message.probe_id, self.node_id, load["pending"],
                                      load["pending_tokens"], load["running"]))
-        cached = self._grants.get(message.steal_id)
-        if cached is not None and cached[0] == message.thief_id:
-            return cached[1]  # a repeated steal id gets the same grant
+        cached = self._grants.replay(message.thief_id, message.steal_id)
+        if cached is not None:
+            return cached  # a repeated steal id gets the same grant
         if message.victim_id != self.node_id:  # meant for a process that had our ports before us
             return self.scheduler.refuse_steal(message, "wrong_node")[1]
         thief = self.peers.get(message.thief_id)
@@ -462,19 +451,11 @@ class Node:
             grant, reply = self.scheduler.refuse_steal(message, "model_mismatch")
         else:
             grant, reply = self.scheduler.on_steal(message, time.time())
-        self._cache_grant(message.steal_id, message.thief_id, reply)
+        self._grants.put(message.thief_id, message.steal_id, reply)
         if grant.tasks:
             self._note_load_change()
             log.info("granted %d request(s) to %s", len(grant.tasks), message.thief_name)
         return reply
-
-    def _cache_grant(self, steal_id: str, thief_id: str, reply: bytes) -> None:
-        """Keep recent grants for repeated steal ids, bounded in count and in bytes."""
-        self._grants[steal_id] = (thief_id, reply)
-        self._grant_bytes += len(reply)
-        while len(self._grants) > GRANT_CACHE or self._grant_bytes > GRANT_CACHE_BYTES:
-            _, (_, old) = self._grants.popitem(last=False)
-            self._grant_bytes -= len(old)
 
     async def _result_server(self) -> None:
         while True:
@@ -505,11 +486,24 @@ class Node:
                 self._queued_send_bytes = self._sender.queued_bytes()
 
     async def _watch_engine(self) -> None:
-        assert self._runner is not None
-        await self._runner.stopped.wait()
-        if self._runner.failure is not None:
-            self._apply(self.scheduler.on_engine_failure(repr(self._runner.failure)))
-            raise RuntimeError("engine thread failed") from self._runner.failure
+        """The engine process died: fail every request (their clients get an error), leave the
+        registry, and end the node (exit 1): a node without an engine must not look alive."""
+        await self.engine.stopped.wait()
+        failure = self.engine.failure
+        if failure is None:
+            return
+        self.is_draining = True
+        self.scheduler.is_accepting_steals = False
+        self._apply(self.scheduler.on_engine_failure(str(failure)))
+        deadline = time.monotonic() + ENGINE_FAILURE_GRACE_S
+        while self._handles and time.monotonic() < deadline:  # let the HTTP handlers write the errors
+            await asyncio.sleep(TICK_S)
+        if self._registry is not None:
+            try:
+                await asyncio.wait_for(self._registry.deregister(self.node_id), ENGINE_FAILURE_GRACE_S)
+            except (RegistryUnavailable, TimeoutError) as exc:
+                log.warning("could not deregister after the engine failed (%s); the record will expire", exc)
+        raise failure
 
     def _record(self) -> NodeRecord:
         load = self.scheduler.load()
@@ -650,6 +644,7 @@ class Node:
                 self._backoff.fruitless(victim, time.monotonic(), victim.pending)
                 continue
             if grant.reason == "wrong_node":  # the peer restarted; its ports have a new owner
+                self.stats.steals_wrong_node += 1
                 self.peers.pop(victim.node_id, None)
                 self._peers_refreshed_at = -1e9
                 continue

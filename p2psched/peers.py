@@ -1,17 +1,20 @@
 """Thief-side links to peers: one DEALER to each peer's steal socket and one to its result socket.
 
-A steal is a request/reply on the steal DEALER, matched by steal id. A grant that arrives after
-the caller gave up waiting is still handed to ``on_grant`` (its tasks are leased to us, so we
-run them rather than let the lease lapse). Load reports (answers to probes, sent while the
-registry is unreachable) go to ``on_load``. Acks, heartbeat acks and cancels from origins arrive
-on the result DEALER and go to ``on_origin_message``. Each link has one reader loop, started
-in the node's task group; an error handling one message is contained to that message.
+A steal is a request/reply on the steal DEALER, matched by steal id. Whether a grant is taken
+is decided by the pure steal table (``steals.SentSteals``: unsolicited, repeated and wrong-victim
+grants are dropped and counted; a grant that arrives after the caller gave up waiting is still
+applied, its tasks being leased to us); taken grants go to ``on_grant``. Load reports (answers
+to probes, sent while the registry is unreachable) go to ``on_load``. Acks, heartbeat acks and
+cancels from origins arrive on the result DEALER and go to ``on_origin_message``. Each link has
+one reader loop, started in the node's task group; an error handling one message is contained
+to that message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -22,6 +25,7 @@ from .containment import Containment
 from .policy import PeerLoad
 from .protocol import Ack, Cancel, Grant, HeartbeatAck, LoadReport, Message, Probe, Steal, encode
 from .security import CurveKeys
+from .steals import GrantVerdict, SentSteals
 from .transport import DropLog, Sender, make_socket
 
 log = logging.getLogger(__name__)
@@ -29,7 +33,7 @@ log = logging.getLogger(__name__)
 GrantHandler = Callable[[Grant], None]
 LoadHandler = Callable[[LoadReport], None]
 OriginHandler = Callable[[Ack | HeartbeatAck | Cancel], None]
-SENT_IDS = 256  # a late grant is still taken while its steal id is among the last this many
+PROBE_IDS = 256  # a load report is taken while its probe id is among the last this many sent
 
 
 class PeerLink:
@@ -50,13 +54,13 @@ class PeerLink:
             self.result.close(0)
             raise
         self.waiting: dict[str, asyncio.Future[Grant | LoadReport]] = {}
-        self.sent: OrderedDict[str, None] = OrderedDict()  # recent steal and probe ids: replies to others are dropped
+        self.probes: OrderedDict[str, None] = OrderedDict()  # recent probe ids: other load reports are dropped
         self.reader: asyncio.Task[None] | None = None
 
-    def remember(self, call_id: str) -> None:
-        self.sent[call_id] = None
-        while len(self.sent) > SENT_IDS:
-            self.sent.popitem(last=False)
+    def remember_probe(self, probe_id: str) -> None:
+        self.probes[probe_id] = None
+        while len(self.probes) > PROBE_IDS:
+            self.probes.popitem(last=False)
 
     def close(self) -> None:
         if self.reader is not None:
@@ -67,9 +71,10 @@ class PeerLink:
 
 class PeerLinks:
     def __init__(self, ctx: zmq.asyncio.Context, node_id: str, drops: DropLog, sender: Sender,
-                 containment: Containment, on_grant: GrantHandler, on_load: LoadHandler,
+                 containment: Containment, steals: SentSteals, on_grant: GrantHandler, on_load: LoadHandler,
                  on_origin_message: OriginHandler, curve: CurveKeys | None = None):
         self._ctx = ctx
+        self._steals = steals
         self._node_id = node_id
         self._drops = drops
         self._sender = sender
@@ -111,20 +116,27 @@ class PeerLinks:
             link.close()
 
     async def steal(self, peer: PeerLoad, request: Steal, timeout: float) -> Grant | None:
-        """Send a steal RPC; the grant, or None on timeout or when the send fails."""
-        reply = await self._call(peer, request.steal_id, encode(request), timeout)
+        """Send a steal RPC to ``peer``; the grant, or None on timeout or when the send fails.
+        (A grant that comes later is still applied through ``on_grant``: see ``steals.py``.)"""
+        frame = encode(request)
+        link = self.link(peer)
+        self._steals.sent(request.steal_id, peer.node_id, time.monotonic())
+        try:
+            reply = await self._call(link, request.steal_id, frame, timeout)
+        finally:
+            self._steals.gave_up(request.steal_id)  # a no-op once answered
         return reply if isinstance(reply, Grant) else None
 
     async def probe(self, peer: PeerLoad, probe: Probe, timeout: float) -> LoadReport | None:
         """Ask a peer for its load (while the registry is unreachable); None on timeout."""
-        reply = await self._call(peer, probe.probe_id, encode(probe), timeout)
+        link = self.link(peer)
+        link.remember_probe(probe.probe_id)
+        reply = await self._call(link, probe.probe_id, encode(probe), timeout)
         return reply if isinstance(reply, LoadReport) else None
 
-    async def _call(self, peer: PeerLoad, call_id: str, frame: bytes, timeout: float) -> Grant | LoadReport | None:
-        link = self.link(peer)
+    async def _call(self, link: PeerLink, call_id: str, frame: bytes, timeout: float) -> Grant | LoadReport | None:
         future: asyncio.Future[Grant | LoadReport] = asyncio.get_running_loop().create_future()
         link.waiting[call_id] = future
-        link.remember(call_id)
         try:
             if not self._sender.send(link.steal, [frame]):
                 return None
@@ -170,27 +182,20 @@ class PeerLinks:
                                 self._drops.refuse("result-reply", peer, "origin id is not the link's node id")
 
     def _deliver_grant(self, link: PeerLink, grant: Grant) -> None:
-        peer = link.peer.node_id.encode()
-        if grant.steal_id not in link.sent:
-            self._drops.refuse("steal-reply", peer, "a grant for a steal we did not send")
-            return
-        if grant.victim_id != link.peer.node_id:
-            if grant.reason == "wrong_node" and not grant.tasks:  # the peer restarted on these ports
-                future = link.waiting.get(grant.steal_id)
-                if future is not None and not future.done():
-                    future.set_result(grant)
-                return
-            self._drops.refuse("steal-reply", peer, "grant from another node id than the link's")
-            return
-        self._on_grant(grant)
-        future = link.waiting.get(grant.steal_id)
-        if future is not None and not future.done():
-            future.set_result(grant)
-        elif grant.tasks:
+        verdict = self._steals.on_grant(grant, link.peer.node_id, time.monotonic())
+        if verdict in (GrantVerdict.UNSOLICITED, GrantVerdict.WRONG_VICTIM):  # who may say what: refused
+            self._drops.refuse("steal-reply", link.peer.node_id.encode(), f"grant dropped: {verdict.value}")
+        if verdict.is_applied:
+            self._on_grant(grant)
+        if verdict is GrantVerdict.LATE and grant.tasks:
             log.info("late grant %s from %s with %d tasks accepted", grant.steal_id, link.peer.name, len(grant.tasks))
+        if verdict in (GrantVerdict.APPLY, GrantVerdict.RESTARTED):  # the caller may still be waiting
+            future = link.waiting.get(grant.steal_id)
+            if future is not None and not future.done():
+                future.set_result(grant)
 
     def _deliver_load(self, link: PeerLink, report: LoadReport) -> None:
-        if report.node_id != link.peer.node_id or report.probe_id not in link.sent:
+        if report.node_id != link.peer.node_id or report.probe_id not in link.probes:
             return
         self._on_load(report)
         future = link.waiting.get(report.probe_id)

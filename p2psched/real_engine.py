@@ -6,11 +6,12 @@ scheduler's types meet torch's world, so the scheduler core stays torch-free.
 
 from __future__ import annotations
 
-from server.engine import EngineConfig, LLMEngine
+from server.engine import LLMEngine
+from server.engine_config import EngineConfig
 from server.loader import LoadedModel
 from server.sampling import SamplingParams
 
-from .engine import EngineLimits, EngineOutput, EngineRequest
+from .engine import EngineLimits, EngineOutput, EngineRequest, EngineStats, StepResult
 from .protocol import FinishReason
 
 _REASONS: dict[str | None, FinishReason | None] = {None: None, "stop": "stop", "length": "length"}
@@ -40,11 +41,10 @@ class RealEngine:
         except ValueError:  # validated at the HTTP edge already; a peer's task may still not fit
             self._rejected.append(EngineOutput(request.request_id, [], "error"))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> EngineStats:
         blocks = self._engine.blocks
-        return {"kv_blocks_total": blocks.num_blocks, "kv_blocks_free": blocks.num_free,
-                "prefix_cache_hit_blocks": blocks.prefix_hits, "prefix_cache_queried_blocks": blocks.prefix_queries,
-                "preemptions": self._engine.batcher.num_preemptions}
+        return EngineStats(len(self._engine.seqs), blocks.num_blocks, blocks.num_free, blocks.prefix_hits,
+                           blocks.prefix_queries, self._engine.batcher.num_preemptions)
 
     def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
@@ -52,8 +52,8 @@ class RealEngine:
     def has_work(self) -> bool:
         return bool(self._rejected) or self._engine.has_work()
 
-    def step(self) -> list[EngineOutput]:
+    def step(self) -> StepResult:
         outputs, self._rejected = self._rejected, []
         for out in self._engine.step():
             outputs.append(EngineOutput(out.request_id, out.token_ids, _REASONS.get(out.finish_reason, "error")))
-        return outputs
+        return StepResult(outputs, self.stats())

@@ -67,6 +67,21 @@ log = logging.getLogger(__name__)
 GRANT_OVERHEAD_BYTES = 1024  # a grant's own fields, beside its tasks
 
 
+def kv_reservation(num_prompt_tokens: int, max_tokens: int, reserve_output_tokens: int | None = None) -> int:
+    """KV tokens that admission holds for a request until it ends: the prompt and all of
+    ``max_tokens``, or only ``reserve_output_tokens`` of output on an engine that preempts by
+    recompute when blocks run out (it overcommits its own requests to keep batches full).
+
+    A steal is counted in the full form on both sides. The thief offers its free KV tokens
+    (``steal_capacity``); the victim fits each task it grants at prompt + max_tokens against
+    that offer (``on_steal``; ``policy.select_grant`` uses the same, ``Request.reserved_tokens``);
+    the thief books each stolen task at that amount when it starts it (``_reservation``). A
+    steal does not say how its thief's engine overcommits, so the full form is the one a victim
+    can compute; with it a grant never exceeds the offer and every granted task starts at once."""
+    outputs = max_tokens if reserve_output_tokens is None else min(reserve_output_tokens, max_tokens)
+    return num_prompt_tokens + outputs
+
+
 @dataclass
 class ClientEvent:
     request_id: str
@@ -143,7 +158,9 @@ class Scheduler:
         }
 
     def steal_capacity(self) -> tuple[int, int] | None:
-        """(requests, tokens) a steal may ask for now, or None when this node has no room."""
+        """(requests, KV tokens) a steal may ask for now, or None when this node has no room.
+        Victims count tasks against the tokens with ``kv_reservation`` in its full form, and so
+        does ``_reservation`` when a stolen task starts here."""
         if self.pending or self.free_slots <= 0 or self.free_kv_tokens <= 0:
             return None
         return self.free_slots, self.free_kv_tokens
@@ -151,9 +168,9 @@ class Scheduler:
     # ---- client side ----
 
     def _reservation(self, request: Request) -> int:
-        cap = self.params.limits.reserve_output_tokens
-        outputs = request.sampling.max_tokens if cap is None else min(cap, request.sampling.max_tokens)
-        return len(request.prompt_token_ids) + outputs
+        """Own requests as this engine reserves them; stolen ones as their victim counted them."""
+        cap = None if request.origin_id else self.params.limits.reserve_output_tokens
+        return kv_reservation(len(request.prompt_token_ids), request.sampling.max_tokens, cap)
 
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, now: float) -> Request:
         if len(self.pending) >= self.params.max_queue_len:
@@ -263,8 +280,12 @@ class Scheduler:
             reason = "model_mismatch"
         else:
             size = GRANT_OVERHEAD_BYTES
+            budget = steal.max_tokens  # the thief's offer, in kv_reservation's full form
             for request in select_grant(self.pending.from_back(), self.pending.total_work, steal.max_requests,
                                         steal.max_tokens, steal.max_model_len, steal.thief_id):
+                charge = kv_reservation(len(request.prompt_token_ids), request.sampling.max_tokens)
+                if charge > budget:
+                    continue  # select_grant counts the same; this keeps the invariant here whatever it does
                 task = Task(request.request_id, self.params.node_id, self.params.node_name, request.epoch,
                             request.prompt_token_ids, list(request.delivered_token_ids), request.sampling,
                             request.deadline)
@@ -278,6 +299,7 @@ class Scheduler:
                 if size + task_bytes > MAX_GRANT_BYTES:
                     break
                 size += task_bytes
+                budget -= charge
                 chosen.append((request, task))
             reason = "ok" if chosen else "empty"
         grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [task for _, task in chosen],

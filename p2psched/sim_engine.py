@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from .config import SimEngineConfig
-from .engine import EngineLimits, EngineOutput, EngineRequest
+from .engine import EngineLimits, EngineOutput, EngineRequest, EngineStats, StepResult
 from .protocol import FinishReason
 
 
@@ -49,7 +49,6 @@ class SimEngine:
         self._config = config
         self._limits = EngineLimits(max_num_seqs, config.kv_tokens, config.max_model_len, config.vocab_size)
         self._seqs: dict[str, _Seq] = {}
-        self._stall_s = 0.0
         # Tokens depend on the vocabulary only: nodes with other step costs or context lengths
         # (heterogeneous clusters) steal from each other; a Steal carries the thief's max model len.
         self.model_id = "sim-" + hashlib.blake2b(f"vocab={config.vocab_size}".encode(), digest_size=6).hexdigest()
@@ -77,14 +76,11 @@ class SimEngine:
               + c.decode_ms_per_kilotoken * context / 1000 + c.prefill_ms_per_token * prefill_tokens)
         return ms / 1000
 
-    def stall_next_step(self, seconds: float) -> None:
-        """Fault injection (the chaos suite sends SIGUSR1): the next step hangs this long, as a
-        wedged accelerator would, while the node's event loop runs on."""
-        self._stall_s = seconds
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._seqs))
 
-    def step(self) -> list[EngineOutput]:
-        cost_s = self.step_cost_s() + self._stall_s
-        self._stall_s = 0.0
+    def step(self) -> StepResult:
+        cost_s = self.step_cost_s()
         if cost_s > 0:
             time.sleep(cost_s)
         outputs = []
@@ -101,7 +97,7 @@ class SimEngine:
             outputs.append(EngineOutput(seq.request.request_id, [token], finish))
             if finish is not None:
                 del self._seqs[seq.request.request_id]
-        return outputs
+        return StepResult(outputs, self.stats())
 
 
 class SimTokenizer:

@@ -23,6 +23,10 @@ class Stats:
     steals_granted: int = 0  # steal RPCs answered with at least one task
     steals_empty: int = 0
     steals_timed_out: int = 0
+    steals_wrong_node: int = 0  # answered by a new process on the victim's ports (the victim restarted)
+    late_grants: int = 0  # grants applied after their steal timed out (their tasks are leased to us)
+    grants_dropped: Counter[str] = field(default_factory=Counter)  # reason -> grants not applied (steals.py)
+    grants_replayed: int = 0  # repeated steal ids answered with the cached grant (victim side)
     lease_expiries: int = 0
     stream_gaps: int = 0
     duplicate_items: int = 0
@@ -47,6 +51,6 @@ class Stats:
 
     def as_dict(self) -> dict[str, object]:
         out = dataclasses.asdict(self)
-        for name in ("malformed", "unauthorized", "loop_errors"):
+        for name in ("malformed", "unauthorized", "loop_errors", "grants_dropped"):
             out[name] = dict(getattr(self, name))
         return out

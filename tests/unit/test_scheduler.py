@@ -58,7 +58,7 @@ class Side:
 
     def step(self, now: float) -> None:
         if self.engine.has_work():
-            self.apply(self.sched.on_engine_outputs(self.engine.step(), 0.0, now))
+            self.apply(self.sched.on_engine_outputs(self.engine.step().outputs, 0.0, now))
 
     def tokens_of(self, request_id: str) -> list[int]:
         return [t for e in self.client.get(request_id, []) for t in e.token_ids]

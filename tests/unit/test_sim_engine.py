@@ -11,7 +11,7 @@ def run(engine, requests):
     for r in requests:
         engine.add(r)
     while engine.has_work():
-        for o in engine.step():
+        for o in engine.step().outputs:
             out[o.request_id] += o.new_token_ids
     return out
 
