@@ -148,6 +148,7 @@ class Step(msgspec.Struct, array_like=True):
     outputs: list[EngineOutput]
     busy_s: float
     stats: EngineStats
+    commands_seen: int  # Commands messages applied so far: the node knows what this step had seen
 
 
 @dataclass(frozen=True)

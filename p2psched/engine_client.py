@@ -74,8 +74,9 @@ class EngineClient:
         self._flush_scheduled = False
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Step).decode
-        self._outstanding: set[str] = set()  # added, not yet finished or aborted
-        self._progress_at = time.monotonic()  # last step seen, or when work arrived at an idle engine
+        self._commands_sent = 0
+        # Since when the engine has owed us a step: None while it is idle and has seen all we sent.
+        self._waiting_since: float | None = None
         self._is_stopping = False
         self.stats = EngineStats()
         self.failure: BaseException | None = None
@@ -218,14 +219,10 @@ class EngineClient:
     # ---- commands ----
 
     def add(self, request: EngineRequest) -> None:
-        if not self._outstanding:
-            self._progress_at = time.monotonic()
-        self._outstanding.add(request.request_id)
         self._ops.append(request)
         self._schedule_flush()
 
     def abort(self, request_id: str) -> None:
-        self._outstanding.discard(request_id)
         self._ops.append(request_id)
         self._schedule_flush()
 
@@ -235,9 +232,10 @@ class EngineClient:
         self._schedule_flush()
 
     def busy_for(self) -> float:
-        """Seconds the engine has had work without finishing a step; 0 when it has none. Far longer
-        than any normal step means the engine is stuck: its heartbeats must stop vouching for it."""
-        return time.monotonic() - self._progress_at if self._outstanding else 0.0
+        """Seconds the engine has owed us a step (it has work, or commands it has not answered);
+        0 when it is idle. Far longer than any normal step means the engine is stuck: its
+        heartbeats must stop vouching for it, and it must not steal."""
+        return 0.0 if self._waiting_since is None else time.monotonic() - self._waiting_since
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
@@ -250,6 +248,9 @@ class EngineClient:
             return
         message = Commands(self._ops, self._stall_s, stop)
         self._ops, self._stall_s = [], 0.0
+        self._commands_sent += 1
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         self._commands.send(self._encode(message), copy=False)
 
     # ---- steps ----
@@ -269,8 +270,10 @@ class EngineClient:
     def _deliver(self, steps: list[Step]) -> None:
         self.step_messages += 1
         self.steps_received += len(steps)
-        self._progress_at = time.monotonic()
-        self.stats = steps[-1].stats
+        last = steps[-1]
+        self.stats = last.stats
+        is_idle = last.stats.running == 0 and last.commands_seen == self._commands_sent
+        self._waiting_since = None if is_idle else time.monotonic()
         busy_s = sum(step.busy_s for step in steps)
         if len(steps) == 1:
             outputs = steps[0].outputs
@@ -282,8 +285,5 @@ class EngineClient:
                     merged[out.request_id] = out if before is None else EngineOutput(
                         out.request_id, before.new_token_ids + out.new_token_ids, out.finish_reason)
             outputs = list(merged.values())
-        for out in outputs:
-            if out.finish_reason is not None:
-                self._outstanding.discard(out.request_id)
         assert self._on_outputs is not None
         self._on_outputs(outputs, busy_s)

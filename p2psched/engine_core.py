@@ -81,12 +81,14 @@ def run(engine: Engine, commands: zmq.Socket[bytes], steps: zmq.Socket[bytes], m
     decode = msgspec.msgpack.Decoder(Commands).decode
     encode = msgspec.msgpack.Encoder().encode
     stall_s = 0.0
+    seen = 0
     while True:
         timeout = 0 if engine.has_work() else IDLE_POLL_MS
         changed = False
         while commands.poll(timeout):
             timeout, changed = 0, True
             message = decode(commands.recv(copy=False).buffer)
+            seen += 1
             for op in message.ops:
                 if isinstance(op, str):
                     engine.abort(op)
@@ -108,9 +110,9 @@ def run(engine: Engine, commands: zmq.Socket[bytes], steps: zmq.Socket[bytes], m
             if busy_s < min_step_s:
                 time.sleep(min_step_s - busy_s)
                 busy_s = min_step_s
-            frame = encode(Step(result.outputs, busy_s, result.stats))
-        elif changed:  # aborts emptied the engine: no step will report its stats
-            frame = encode(Step([], 0.0, engine.stats()))
+            frame = encode(Step(result.outputs, busy_s, result.stats, seen))
+        elif changed:  # commands left the engine idle (aborts): say so, with its stats
+            frame = encode(Step([], 0.0, engine.stats(), seen))
         else:
             continue
         while True:  # the node may be gone (killed): then nothing reads, and a blocking send never returns
