@@ -316,6 +316,9 @@ class Registry:
         self._keys = Keys(cfg.topic, cfg.load_shards_num)
         self._client = client or connect(cfg)
         self._script = self._client.register_script(_HEARTBEAT)
+        # One round trip at a time: a node holds one connection to Redis, not one per loop that
+        # happens to ask at the same moment (redis-py's pool would grow with the overlap).
+        self._one_at_a_time = asyncio.Lock()
 
     @property
     def keys(self) -> Keys:
@@ -357,14 +360,15 @@ class Registry:
         for key, value in record_hash.items():
             args += [key, value]
         try:
-            await self._script(keys=[self._keys.node(node_id), self._keys.load(self._keys.shard_of(node_id))],
-                               args=args)
+            async with self._one_at_a_time:
+                await self._script(keys=[self._keys.node(node_id), self._keys.load(self._keys.shard_of(node_id))],
+                                   args=args)
         except _CONNECTION_ERRORS as exc:
             raise RegistryUnavailable(str(exc)) from exc
 
     async def deregister(self, node_id: str) -> None:
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
+            async with self._one_at_a_time, self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(self._keys.node(node_id))
                 pipe.zrem(self._keys.load(self._keys.shard_of(node_id)), node_id)
                 await pipe.execute()
@@ -373,6 +377,10 @@ class Registry:
 
     async def nodes(self) -> list[NodeRecord]:
         """Every live node of this topic, most loaded first; prunes index entries that expired."""
+        async with self._one_at_a_time:
+            return await self._nodes()
+
+    async def _nodes(self) -> list[NodeRecord]:
         try:
             out: list[NodeRecord] = []
             for shard in range(self._keys.shards):
