@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2psched.config import SchedulerConfig, SimEngineConfig
+from p2psched.core.config import SchedulerConfig, SimEngineConfig
 
 SCHEDULE_VERSION = 2
 VOCAB = 32000  # the sim engine's default vocabulary

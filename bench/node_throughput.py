@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p2psched.errors import ConfigError
+from p2psched.core.errors import ConfigError
 
 from .node_bench_client import Job, run_load, summarize
 
@@ -127,9 +127,9 @@ def drive(engine: Any, jobs: list[Job]) -> tuple[float, dict[str, int], int]:
 
     All jobs are queued at once and admitted in order as the node's scheduler admits them:
     while a slot is free and the request's KV reservation fits."""
-    from p2psched.engine import EngineRequest
-    from p2psched.protocol import Sampling
-    from p2psched.scheduler import kv_reservation
+    from p2psched.core.engine import EngineRequest
+    from p2psched.core.protocol import Sampling
+    from p2psched.core.scheduler import kv_reservation
 
     limits = engine.limits
     pending, running = deque(jobs), dict[str, int]()  # request id -> its KV reservation

@@ -33,7 +33,7 @@ import zmq.auth
 from rich.progress import Progress
 
 from p2psched import PROTOCOL_VERSION
-from p2psched.protocol import Ack, Grant, Steal, TokenItem, Tokens, decode, encode
+from p2psched.core.protocol import Ack, Grant, Steal, TokenItem, Tokens, decode, encode
 
 ECHO_SERVER = """
 import sys, zmq

@@ -15,9 +15,9 @@ import json
 import sys
 import time
 
-from p2psched.config import NodeConfig, SchedulerConfig, SimEngineConfig
-from p2psched.policy import PeerLoad
-from p2psched.protocol import Sampling
+from p2psched.core.config import NodeConfig, SchedulerConfig, SimEngineConfig
+from p2psched.core.policy import PeerLoad
+from p2psched.core.protocol import Sampling
 from p2psched.server import build_node
 from server.engine_config import EngineConfig
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 
-from .stats import Stats
+from .core.stats import Stats
 
 log = logging.getLogger(__name__)
 

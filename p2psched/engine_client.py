@@ -26,8 +26,8 @@ import zmq
 import zmq.asyncio
 
 from . import engine_core
-from .config import NodeConfig
-from .engine import (
+from .core.config import NodeConfig
+from .core.engine import (
     Commands,
     EngineLimits,
     EngineOutput,

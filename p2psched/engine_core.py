@@ -25,8 +25,8 @@ from multiprocessing.connection import Connection
 import msgspec
 import zmq
 
-from .config import NodeConfig
-from .engine import Commands, Engine, StartFailed, Step
+from .core.config import NodeConfig
+from .core.engine import Commands, Engine, StartFailed, Step
 from .engine_factory import build_engine
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def main(config: NodeConfig, commands_addr: str, steps_addr: str, start_pipe: Co
     except BaseException as exc:
         from server.errors import ModelLoadError
 
-        from .errors import ConfigError
+        from .core.errors import ConfigError
 
         is_config = isinstance(exc, (ConfigError, ModelLoadError))
         if not is_config:

@@ -9,9 +9,9 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .config import NodeConfig
-from .engine import ChatTemplateFn, Engine, Ready, TextStreamFactory, Tokenizer
-from .errors import ConfigError
+from .core.config import NodeConfig
+from .core.engine import ChatTemplateFn, Engine, Ready, TextStreamFactory, Tokenizer
+from .core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

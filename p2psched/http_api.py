@@ -32,11 +32,11 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from .containment import Containment
-from .errors import RequestRejected
+from .core.errors import RequestRejected
+from .core.protocol import Sampling
+from .core.scheduler import ClientEvent
 from .metrics import CONTENT_TYPE, NodeMetrics
 from .openai_schema import ChatRequest, CompletionRequest, _Sampling, error_response
-from .protocol import Sampling
-from .scheduler import ClientEvent
 from .service import Handle, NodeService
 
 log = logging.getLogger(__name__)

@@ -38,15 +38,12 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from . import PROTOCOL_VERSION
-from .config import NodeConfig
 from .containment import Containment, OncePerMinute
-from .engine import ChatTemplateFn, EngineOutput, TextStreamFactory, Tokenizer
-from .engine_client import EngineClient
-from .errors import ConfigError, ProtocolError, RegistryUnavailable, RequestRejected
-from .http_api import HttpServer
-from .peers import PeerLinks
-from .policy import PeerLoad, StealBackoff, choose_victims
-from .protocol import (
+from .core.config import NodeConfig
+from .core.engine import ChatTemplateFn, EngineOutput, TextStreamFactory, Tokenizer
+from .core.errors import ConfigError, ProtocolError, RegistryUnavailable, RequestRejected
+from .core.policy import PeerLoad, StealBackoff, choose_victims
+from .core.protocol import (
     MAX_COUNT,
     MAX_TASKS_PER_GRANT,
     Ack,
@@ -63,12 +60,15 @@ from .protocol import (
     Tokens,
     encode,
 )
+from .core.scheduler import Effects, Scheduler, SchedulerParams
+from .core.stats import Stats
+from .core.steals import GrantCache, SentSteals
+from .engine_client import EngineClient
+from .http_api import HttpServer
+from .peers import PeerLinks
 from .registry import NodeRecord, Registry
-from .scheduler import Effects, Scheduler, SchedulerParams
 from .security import CurveKeys, warn_if_open
 from .service import Handle, ModelInfo, NodeSnapshot
-from .stats import Stats
-from .steals import GrantCache, SentSteals
 from .transport import DropLog, Sender, bind, make_socket
 
 log = logging.getLogger(__name__)

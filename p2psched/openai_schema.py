@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from .protocol import (
+from .core.protocol import (
     MAX_CONTEXT_TOKENS,
     MAX_SEED,
     MAX_STOP_STRING_CHARS,

@@ -22,10 +22,20 @@ import zmq
 import zmq.asyncio
 
 from .containment import Containment
-from .policy import PeerLoad
-from .protocol import Ack, Cancel, Grant, HeartbeatAck, LoadReport, Message, Probe, Steal, encode
+from .core.policy import PeerLoad
+from .core.protocol import (
+    Ack,
+    Cancel,
+    Grant,
+    HeartbeatAck,
+    LoadReport,
+    Message,
+    Probe,
+    Steal,
+    encode,
+)
+from .core.steals import GrantVerdict, SentSteals
 from .security import CurveKeys
-from .steals import GrantVerdict, SentSteals
 from .transport import DropLog, Sender, make_socket
 
 log = logging.getLogger(__name__)

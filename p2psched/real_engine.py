@@ -11,8 +11,8 @@ from server.engine_config import EngineConfig
 from server.loader import LoadedModel
 from server.sampling import SamplingParams
 
-from .engine import EngineLimits, EngineOutput, EngineRequest, EngineStats, StepResult
-from .protocol import FinishReason
+from .core.engine import EngineLimits, EngineOutput, EngineRequest, EngineStats, StepResult
+from .core.protocol import FinishReason
 
 _REASONS: dict[str | None, FinishReason | None] = {None: None, "stop": "stop", "length": "length"}
 

@@ -26,7 +26,7 @@ from typing import Any, Self
 
 import redis
 
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 
 def find_redis_server() -> str:

@@ -36,9 +36,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .cli import Parser
-from .config import SchedulerConfig
-from .errors import ConfigError, RegistryUnavailable
-from .policy import PeerLoad
+from .core.config import SchedulerConfig
+from .core.errors import ConfigError, RegistryUnavailable
+from .core.policy import PeerLoad
 from .transport import is_valid_endpoint
 
 # KEYS[1] node hash, KEYS[2] load index; ARGV: ttl_ms, score, node_id, then field/value pairs.

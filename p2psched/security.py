@@ -31,7 +31,7 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import sys
 from server.errors import EngineConfigError
 
 from .cli import Parser
-from .config import NodeConfig
+from .core.config import NodeConfig
+from .core.errors import ConfigError, RegistryUnavailable
+from .core.flags import add_config_flags, config_from_namespace
 from .engine_client import EngineClient, EngineDied, EngineStartError
 from .engine_factory import build_frontend
-from .errors import ConfigError, RegistryUnavailable
-from .flags import add_config_flags, config_from_namespace
 from .node import Node
 from .registry import verify_access
 from .security import CurveKeys

@@ -14,11 +14,11 @@ from typing import Any, Protocol
 import msgspec
 
 from .containment import Containment
-from .engine import ChatTemplateFn, EngineLimits, EngineStats, TextStreamFactory, Tokenizer
-from .protocol import Sampling
-from .request import Request
-from .scheduler import ClientEvent
-from .stats import Stats
+from .core.engine import ChatTemplateFn, EngineLimits, EngineStats, TextStreamFactory, Tokenizer
+from .core.protocol import Sampling
+from .core.request import Request
+from .core.scheduler import ClientEvent
+from .core.stats import Stats
 
 
 @dataclass

@@ -16,9 +16,9 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from .config import SimEngineConfig
-from .engine import EngineLimits, EngineOutput, EngineRequest, EngineStats, StepResult
-from .protocol import FinishReason
+from .core.config import SimEngineConfig
+from .core.engine import EngineLimits, EngineOutput, EngineRequest, EngineStats, StepResult
+from .core.protocol import FinishReason
 
 
 def prompt_digest(prompt_token_ids: list[int]) -> bytes:

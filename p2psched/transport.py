@@ -22,9 +22,9 @@ import zmq
 import zmq.asyncio
 
 from .containment import OncePerMinute
-from .errors import ProtocolError
-from .protocol import MAX_FRAME_BYTES, Message, decode
-from .stats import Stats
+from .core.errors import ProtocolError
+from .core.protocol import MAX_FRAME_BYTES, Message, decode
+from .core.stats import Stats
 
 log = logging.getLogger(__name__)
 

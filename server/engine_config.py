@@ -1,9 +1,9 @@
 """The engine's settings: one frozen dataclass, validated once, torch-free.
 
 ``LLMEngine`` reads it as is; a node nests it in its own config
-(``p2psched.config.NodeConfig.engine_config``) and generates its command line from the field
+(``p2psched.core.config.NodeConfig.engine_config``) and generates its command line from the field
 metadata below. The metadata is plain data (``flag``, ``help``, ``aliases``; ``internal`` with
-the reason a field has no flag; see ``p2psched/flags.py``), so this package still imports
+the reason a field has no flag; see ``p2psched/core/flags.py``), so this package still imports
 nothing of the scheduler's (docs/decisions.md §12).
 
 KV cache size, first match wins: ``kv_cache_blocks``; ``kv_cache_memory_gib`` (a fixed budget

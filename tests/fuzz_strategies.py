@@ -24,7 +24,8 @@ from typing import Any
 import msgspec
 from hypothesis import strategies as st
 
-from p2psched import PROTOCOL_VERSION, protocol
+from p2psched import PROTOCOL_VERSION
+from p2psched.core import protocol
 
 MSGPACK_INT_MIN = -(1 << 63)
 MSGPACK_INT_MAX = (1 << 64) - 1  # msgpack's widest integers; msgspec cannot encode beyond these

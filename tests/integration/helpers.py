@@ -74,7 +74,7 @@ def register_fake_peer(cluster: Any, node_id: str, model_id: str, name: str = "f
     import asyncio
 
     from p2psched import PROTOCOL_VERSION
-    from p2psched.config import SchedulerConfig
+    from p2psched.core.config import SchedulerConfig
     from p2psched.registry import NodeRecord, Registry
 
     topic = cluster.nodes[0].args[cluster.nodes[0].args.index("--scheduler-topic") + 1]

@@ -14,7 +14,7 @@ import zmq
 
 from p2psched import PROTOCOL_VERSION
 from p2psched.cluster import http_json
-from p2psched.protocol import MAX_FRAME_BYTES, Steal, encode
+from p2psched.core.protocol import MAX_FRAME_BYTES, Steal, encode
 from p2psched.transport import ZMQ_MAXMSGSIZE
 
 from .helpers import complete, expected_for
@@ -66,7 +66,7 @@ def test_garbage_on_both_zmq_sockets_is_counted_and_dropped(cluster_factory):
     liar.setsockopt(zmq.ROUTING_ID, b"someone-else")
     liar.setsockopt(zmq.LINGER, 1000)
     liar.connect(info["result_endpoint"])
-    from p2psched.protocol import TokenItem, Tokens
+    from p2psched.core.protocol import TokenItem, Tokens
 
     liar.send(encode(Tokens(PROTOCOL_VERSION, "a-thief", "x", [TokenItem("r", 0, 0, [1])])))
     deadline = time.monotonic() + 10

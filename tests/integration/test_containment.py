@@ -17,7 +17,7 @@ import pytest
 import redis as redis_lib
 
 from p2psched.cluster import http_json
-from p2psched.protocol import (
+from p2psched.core.protocol import (
     MAX_CONTEXT_TOKENS,
     MAX_SEED,
     MAX_STOP_TOKEN_IDS,
@@ -235,7 +235,7 @@ def test_a_steal_meant_for_a_previous_process_on_these_ports_leases_nothing(clus
     import zmq
 
     from p2psched import PROTOCOL_VERSION
-    from p2psched.protocol import Grant, Steal, decode, encode
+    from p2psched.core.protocol import Grant, Steal, decode, encode
 
     from .helpers import register_fake_peer
 

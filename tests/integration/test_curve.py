@@ -17,7 +17,7 @@ import zmq
 import zmq.auth
 
 from p2psched import PROTOCOL_VERSION
-from p2psched.protocol import Grant, Steal, decode, encode
+from p2psched.core.protocol import Grant, Steal, decode, encode
 
 from .helpers import complete, expected_for, register_fake_peer, wait_for
 

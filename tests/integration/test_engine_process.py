@@ -9,7 +9,7 @@ import signal
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from p2psched.config import SchedulerConfig
+from p2psched.core.config import SchedulerConfig
 from p2psched.registry import Registry
 
 from .helpers import prompt_for, wait_for

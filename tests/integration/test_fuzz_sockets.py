@@ -25,9 +25,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2psched import protocol
 from p2psched.cluster import Cluster, NodeProcess
-from p2psched.errors import ProtocolError
+from p2psched.core import protocol
+from p2psched.core.errors import ProtocolError
 
 from ..fuzz_strategies import invalid_frames, message_types, messages, strategy_for
 from .helpers import complete, expected_for, wait_for

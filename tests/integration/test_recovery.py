@@ -10,11 +10,10 @@ import zmq
 
 from p2psched import PROTOCOL_VERSION
 from p2psched.cluster import http_json
-from p2psched.protocol import Cancel, Grant, Steal, TokenItem, Tokens, decode, encode
+from p2psched.core.protocol import Cancel, Grant, Steal, TokenItem, Tokens, decode, encode
 
 from .conftest import FAST
 from .helpers import complete, expected_for, prompt_for, register_fake_peer, stream, wait_for
-
 
 
 def test_kill_9_of_a_thief_mid_stream_loses_nothing(cluster_factory):

@@ -29,7 +29,7 @@ import redis
 import trustme
 
 from p2psched.cluster import NodeProcess
-from p2psched.config import SchedulerConfig
+from p2psched.core.config import SchedulerConfig
 from p2psched.redis_server import EmbeddedRedis, ServerTls, free_port
 from p2psched.registry import Registry
 

@@ -10,7 +10,7 @@ import time
 
 import redis
 
-from p2psched.config import SchedulerConfig
+from p2psched.core.config import SchedulerConfig
 from p2psched.registry import NodeRecord, Registry
 
 
@@ -101,8 +101,8 @@ def test_redis_errors_are_sorted_into_refusals_and_outages():
     states (MISCONF when it cannot save, BUSY, OOM) do not."""
     import redis.exceptions as rex
 
-    from p2psched.config import SchedulerConfig
-    from p2psched.errors import ConfigError, RegistryUnavailable
+    from p2psched.core.config import SchedulerConfig
+    from p2psched.core.errors import ConfigError, RegistryUnavailable
     from p2psched.registry import access_error
 
     cfg = SchedulerConfig()

@@ -8,7 +8,7 @@ import asyncio
 import zmq
 import zmq.asyncio
 
-from p2psched.stats import Stats
+from p2psched.core.stats import Stats
 from p2psched.transport import Sender, make_socket
 
 

@@ -3,7 +3,7 @@ import pytest
 from server.batcher import Batcher
 from server.block_manager import BlockManager
 from server.sampling import SamplingParams
-from server.sequence import Sequence, SeqStatus
+from server.sequence import SeqStatus, Sequence
 
 
 def test_shared_prefix_blocks_are_found_and_reference_counted():

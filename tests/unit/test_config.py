@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from p2psched.config import NodeConfig, SchedulerConfig
-from p2psched.errors import ConfigError
-from p2psched.flags import config_fields, flag
+from p2psched.core.config import NodeConfig, SchedulerConfig
+from p2psched.core.errors import ConfigError
+from p2psched.core.flags import config_fields, flag
 from p2psched.server import build_parser, config_from_args, main
 from server.engine_config import EngineConfig
 

@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from p2psched import PROTOCOL_VERSION, protocol
-from p2psched.errors import ProtocolError
-from p2psched.protocol import MAX_FRAME_BYTES, decode, encode
+from p2psched import PROTOCOL_VERSION
+from p2psched.core import protocol
+from p2psched.core.errors import ProtocolError
+from p2psched.core.protocol import MAX_FRAME_BYTES, decode, encode
 
 from ..fuzz_strategies import (
     T,

@@ -1,4 +1,4 @@
-from p2psched.leases import LeaseTable, Verdict
+from p2psched.core.leases import LeaseTable, Verdict
 
 
 def test_tokens_are_accepted_in_order_and_duplicates_dropped():

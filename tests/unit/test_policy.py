@@ -1,9 +1,9 @@
 import random
 
-from p2psched.pending import PendingQueue
-from p2psched.policy import PeerLoad, choose_victims, select_grant
-from p2psched.protocol import Sampling
-from p2psched.request import Request
+from p2psched.core.pending import PendingQueue
+from p2psched.core.policy import PeerLoad, choose_victims, select_grant
+from p2psched.core.protocol import Sampling
+from p2psched.core.request import Request
 
 
 def peer(node_id, pending, model="m", tokens=0):

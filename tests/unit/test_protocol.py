@@ -4,8 +4,8 @@ import msgspec
 import pytest
 
 from p2psched import PROTOCOL_VERSION
-from p2psched.errors import ProtocolError
-from p2psched.protocol import (
+from p2psched.core.errors import ProtocolError
+from p2psched.core.protocol import (
     MAX_FRAME_BYTES,
     Ack,
     Cancel,

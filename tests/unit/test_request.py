@@ -1,8 +1,8 @@
 import pytest
 
-from p2psched.errors import IllegalTransition
-from p2psched.protocol import Sampling
-from p2psched.request import TRANSITIONS, Request, State
+from p2psched.core.errors import IllegalTransition
+from p2psched.core.protocol import Sampling
+from p2psched.core.request import TRANSITIONS, Request, State
 
 
 def make():

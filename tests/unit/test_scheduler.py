@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 
 from p2psched import PROTOCOL_VERSION
-from p2psched.config import SimEngineConfig
-from p2psched.engine import EngineLimits
-from p2psched.errors import RequestRejected
-from p2psched.protocol import (
+from p2psched.core.config import SimEngineConfig
+from p2psched.core.engine import EngineLimits
+from p2psched.core.errors import RequestRejected
+from p2psched.core.protocol import (
     Cancel,
     Grant,
     Handback,
@@ -25,8 +25,8 @@ from p2psched.protocol import (
     decode,
     encode,
 )
-from p2psched.request import State
-from p2psched.scheduler import ClientEvent, Effects, Scheduler, SchedulerParams
+from p2psched.core.request import State
+from p2psched.core.scheduler import ClientEvent, Effects, Scheduler, SchedulerParams
 from p2psched.sim_engine import SimEngine, expected_tokens
 
 SIM = SimEngineConfig(vocab_size=1000, decode_step_ms=0, decode_ms_per_seq=0, decode_ms_per_kilotoken=0,

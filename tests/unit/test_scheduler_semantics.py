@@ -9,9 +9,9 @@ import dataclasses
 import msgspec
 
 from p2psched import PROTOCOL_VERSION
-from p2psched.engine import EngineLimits
-from p2psched.policy import PeerLoad, StealBackoff
-from p2psched.protocol import (
+from p2psched.core.engine import EngineLimits
+from p2psched.core.policy import PeerLoad, StealBackoff
+from p2psched.core.protocol import (
     MAX_FRAME_BYTES,
     Grant,
     Handback,
@@ -20,7 +20,7 @@ from p2psched.protocol import (
     Steal,
     decode,
 )
-from p2psched.request import State
+from p2psched.core.request import State
 
 from .test_scheduler import LIMITS, Pair, Side, expected, submit
 
@@ -169,7 +169,7 @@ def test_handbacks_from_a_node_that_does_not_hold_the_lease_are_ignored():
     for i in range(4):
         submit(pair.origin, i, 20)
     rid = pair.steal(max_requests=1).tasks[0].request_id
-    from p2psched.protocol import HandbackItem
+    from p2psched.core.protocol import HandbackItem
 
     forged = Handback(PROTOCOL_VERSION, "someone-else", [HandbackItem(rid, 0, "expired")])
     pair.origin.apply(pair.origin.sched.on_handback(forged, 0.0))
@@ -214,7 +214,7 @@ def test_finished_requests_do_not_pile_up_in_the_deadline_heap():
 def test_tokens_no_engine_of_ours_could_make_fence_the_thief():
     """An id past the vocabulary (it would crash the engine on resume) or more tokens than
     max_tokens: the item is not delivered, the thief is fenced, the origin resumes exactly."""
-    from p2psched.protocol import TokenItem, Tokens
+    from p2psched.core.protocol import TokenItem, Tokens
 
     for bad in ([LIMITS.vocab_size], [1] * 6):
         pair = Pair()
@@ -253,7 +253,7 @@ def test_a_thief_takes_only_what_the_granting_origin_may_hand_out():
 
 def test_an_expired_handback_before_our_deadline_is_run_not_failed():
     """The thief's clock may run ahead: the origin fails a request only by its own clock."""
-    from p2psched.protocol import HandbackItem
+    from p2psched.core.protocol import HandbackItem
 
     pair = Pair()
     for i in range(4):
@@ -268,7 +268,7 @@ def test_a_leased_request_gets_a_lease_timeout_past_its_deadline_to_be_reported_
     """A thief may admit a task just before its deadline, its heartbeat on the way: the origin
     waits one lease timeout past the deadline before failing a leased request that has not
     been reported started."""
-    from p2psched.protocol import LeaseRef
+    from p2psched.core.protocol import LeaseRef
 
     for started in (True, False):
         side = Side("origin")

@@ -1,6 +1,6 @@
-from p2psched.config import SimEngineConfig
-from p2psched.engine import EngineRequest
-from p2psched.protocol import Sampling
+from p2psched.core.config import SimEngineConfig
+from p2psched.core.engine import EngineRequest
+from p2psched.core.protocol import Sampling
 from p2psched.sim_engine import SimEngine, expected_tokens
 
 CFG = SimEngineConfig(decode_step_ms=0, decode_ms_per_seq=0, prefill_ms_per_token=0, decode_ms_per_kilotoken=0)

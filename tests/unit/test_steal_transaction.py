@@ -9,12 +9,12 @@ import random
 import pytest
 
 from p2psched import PROTOCOL_VERSION
-from p2psched.engine import EngineLimits
-from p2psched.errors import IllegalTransition
-from p2psched.protocol import Cancel, Grant, Sampling, Steal, Task, decode
-from p2psched.scheduler import Scheduler, SchedulerParams, kv_reservation
-from p2psched.stats import Stats
-from p2psched.steals import GrantCache, GrantVerdict, SentSteals, StealState
+from p2psched.core.engine import EngineLimits
+from p2psched.core.errors import IllegalTransition
+from p2psched.core.protocol import Cancel, Grant, Sampling, Steal, Task, decode
+from p2psched.core.scheduler import Scheduler, SchedulerParams, kv_reservation
+from p2psched.core.stats import Stats
+from p2psched.core.steals import GrantCache, GrantVerdict, SentSteals, StealState
 
 
 def grant(steal_id: str, victim_id: str, num_tasks: int = 1, reason: str = "ok") -> Grant:

@@ -18,7 +18,7 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
-from . import PROTOCOL_VERSION
+from .. import PROTOCOL_VERSION
 from .errors import ProtocolError
 
 MAX_FRAME_BYTES = 4 * 1024 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket; encode refuses more

@@ -28,7 +28,7 @@ import heapq
 import logging
 from dataclasses import dataclass, field
 
-from . import PROTOCOL_VERSION
+from .. import PROTOCOL_VERSION
 from .engine import EngineLimits, EngineOutput, EngineRequest
 from .errors import ProtocolError, RequestRejected
 from .leases import LeaseTable, Verdict
