@@ -1,4 +1,4 @@
-"""The async node: runs the scheduler's decisions over sockets, Redis and the engine thread.
+"""The async node: runs the scheduler's decisions over sockets, Redis and the engine process.
 
 One event loop owns every socket. ``open()`` binds them all (a port in use or a bad address is
 a ``ConfigError``: one line and exit 2) before anything runs; then every long-lived loop is a
@@ -11,7 +11,9 @@ child of one ``asyncio.TaskGroup`` in ``Node.run``:
     registry        heartbeat our record, refresh the peer table (last-known when Redis is down)
     stealer         woken when this node runs out of queued work, plus a periodic re-check;
                     backs off from victims with nothing to give; probes peers while Redis is down
-    http            the OpenAI-compatible surface (``http_api.py``)
+    engine reader   one message per engine step (``engine_client.py``): tokens to clients and origins
+    engine watch    the engine process died: fail every request, deregister, exit 1
+    http            the OpenAI-compatible surface (``http_api.py``, through ``service.py``)
     shutdown        SIGTERM: hand back unstarted stolen tasks, drain, deregister, exit 0
 
 Each loop handles one input at a time inside ``Containment.guard``: bad input from a client, a
@@ -210,7 +212,7 @@ class Node:
     # ---- life cycle ----
 
     async def open(self) -> None:
-        """Bind every socket and start the engine thread. A port in use, an address this host
+        """Bind every socket and connect the engine process. A port in use, an address this host
         does not have, or a key ZeroMQ refuses is a ``ConfigError`` naming it, with nothing left open."""
         cfg = self.config
         try:

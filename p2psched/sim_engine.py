@@ -5,7 +5,7 @@ the seed, the prompt and the position, independent of batch composition, of the 
 it and of whether it was resumed. Any run can therefore be checked token by token. It never
 emits end-of-sequence: a request runs exactly ``max_tokens`` tokens (or stops at a stop id).
 
-Step time follows a simple cost model (sleeping in the engine thread): time per prefill token,
+Step time follows a simple cost model (sleeping in the engine process): time per prefill token,
 plus a decode step that grows with batch size and total context.
 """
 
