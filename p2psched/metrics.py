@@ -53,11 +53,6 @@ class _NodeCollector:
                               ("timeout", s.steals_timed_out), ("wrong_node", s.steals_wrong_node)):
             steals.add_metric([node.name, result], value)
         yield steals
-        dropped = CounterMetricFamily("p2psched_grants_dropped", "Grants a thief did not apply, by reason",
-                                      labels=["node", "reason"])
-        for reason, value in sorted(s.grants_dropped.items()):
-            dropped.add_metric([node.name, reason], value)
-        yield dropped
         yield counter("p2psched_late_grants", "Grants applied after their steal timed out", s.late_grants)
         yield counter("p2psched_grants_replayed", "Repeated steal ids answered with the cached grant",
                       s.grants_replayed)
@@ -68,13 +63,10 @@ class _NodeCollector:
         yield counter("p2psched_tokens_forwarded", "Tokens streamed to origins", s.tokens_forwarded)
         yield counter("p2psched_lease_expiries", "Leases that expired (thief silent)", s.lease_expiries)
         yield counter("p2psched_stream_gaps", "Token streams with a sequence gap", s.stream_gaps)
-        malformed = CounterMetricFamily("p2psched_malformed_messages_dropped", "Bad ZeroMQ frames dropped",
-                                        labels=["node", "socket"])
-        for socket_name, value in sorted(s.malformed.items()):
-            malformed.add_metric([node.name, socket_name], value)
-        yield malformed
         yield counter("p2psched_registry_errors", "Failed registry round trips", s.registry_errors)
         for metric, doc, label, values in (
+                ("p2psched_grants_dropped", "Grants a thief did not apply, by reason", "reason", s.grants_dropped),
+                ("p2psched_malformed_messages_dropped", "Bad ZeroMQ frames dropped", "socket", s.malformed),
                 ("p2psched_unauthorized_messages_dropped",
                  "Well-formed messages refused: the sender may not speak for the node id it names", "socket",
                  s.unauthorized),
