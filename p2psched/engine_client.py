@@ -14,12 +14,14 @@ deregisters and exits non-zero.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 
 import msgspec
 import zmq
@@ -37,6 +39,7 @@ from .core.engine import (
     StartFailed,
     Step,
 )
+from .core.protocol import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,6 @@ class EngineClient:
         self._steps: zmq.asyncio.Socket | None = None
         self._on_outputs: OutputsCallback | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._ops: list[EngineRequest | str] = []
         self._stall_s = 0.0
         self._flush_scheduled = False
@@ -81,22 +83,38 @@ class EngineClient:
         self.stats = EngineStats()
         self.failure: BaseException | None = None
         self.stopped = asyncio.Event()
-        self.steps_received = 0
-        self.step_messages = 0  # messages read; fewer than steps when the node merged steps
 
     # ---- start and stop ----
 
     def start(self) -> Ready:
-        """Spawn the engine process and wait until its engine is built (blocking: before the loop)."""
+        """Spawn the engine process and wait until its engine is built (blocking: before the loop).
+        Whatever stops the wait (a failed start, Ctrl-C while the model loads) kills the process."""
         self._dir = tempfile.mkdtemp(prefix="p2ps-engine-")
         mp = multiprocessing.get_context("spawn")
         receiver, sender = mp.Pipe(duplex=False)
-        # daemon: whatever way the node exits, multiprocessing's exit handler ends the engine too
+        # The engine ignores SIGTERM and SIGINT (the node drains first, then stops it), so
+        # multiprocessing's exit handler, which terminates daemonic children and joins them,
+        # would wait on it forever: the atexit hook below kills it first on any exit path that
+        # skipped close() (atexit runs hooks last-registered first).
         self._proc = mp.Process(target=engine_core.main, name="p2psched-engine", daemon=True,
                                 args=(self._config, self.commands_addr, self.steps_addr, sender,
                                       logging.getLogger().getEffectiveLevel()))
         self._proc.start()
+        atexit.register(self.kill)
         sender.close()
+        try:
+            first = self._wait_for_first_word(receiver)
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            receiver.close()
+        self._ready = first
+        self.stats = first.stats
+        return first
+
+    def _wait_for_first_word(self, receiver: Connection) -> Ready:
+        assert self._proc is not None
         started = time.monotonic()
         while not receiver.poll(START_PROGRESS_S):
             if not self._proc.is_alive():
@@ -106,18 +124,12 @@ class EngineClient:
             first = receiver.recv()
         except EOFError:
             self._proc.join(5)
-            self._cleanup_dir()
             raise EngineStartError(f"the engine process exited during start (code {self._proc.exitcode})",
                                    False) from None
-        finally:
-            receiver.close()
         if isinstance(first, StartFailed):
             self._proc.join(10)
-            self._cleanup_dir()
             raise EngineStartError(first.message, first.is_config_error)
         assert isinstance(first, Ready)
-        self._ready = first
-        self.stats = first.stats
         took = time.monotonic() - started
         log.log(logging.INFO if took > START_PROGRESS_S / 5 else logging.DEBUG,  # a quick start says nothing
                 "engine process %d ready in %.1f s: model %s", self._proc.pid, took, first.model_id)
@@ -149,7 +161,7 @@ class EngineClient:
         return self._proc.pid if self._proc is not None else None
 
     def open(self, ctx: zmq.asyncio.Context, on_outputs: OutputsCallback) -> None:
-        """Bind the IPC sockets and start reading steps (on the running loop)."""
+        """Bind the IPC sockets (on the running loop); ``read_steps()`` then delivers the steps."""
         assert self._proc is not None, "start() first"
         self._loop = asyncio.get_running_loop()
         self._on_outputs = on_outputs
@@ -161,7 +173,6 @@ class EngineClient:
             sock.setsockopt(zmq.RCVHWM, 0)
         self._commands.bind(self.commands_addr)
         self._steps.bind(self.steps_addr)
-        self._reader = self._loop.create_task(self._read(), name="engine-reader")
         self._loop.add_reader(self._proc.sentinel, self._on_exit)
 
     def stop(self) -> None:
@@ -178,17 +189,13 @@ class EngineClient:
         elif proc is not None:
             if proc.is_alive():
                 self.stop()
-                deadline = time.monotonic() + STOP_WAIT_S
-                while proc.is_alive() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.02)
-                if proc.is_alive():
+                try:
+                    await asyncio.wait_for(self.stopped.wait(), STOP_WAIT_S)  # set when it exits
+                except TimeoutError:
                     log.warning("engine process still in a step after %.0f s: killing it", STOP_WAIT_S)
-                    proc.kill()
-            proc.join(5)
+            self.kill()
             if self._loop is not None:
                 self._loop.remove_reader(proc.sentinel)
-        if self._reader is not None:
-            self._reader.cancel()
         for sock in (self._commands, self._steps):
             if sock is not None:
                 sock.close(0)
@@ -196,9 +203,11 @@ class EngineClient:
         self.stopped.set()
 
     def kill(self) -> None:
-        """Stop the engine process at once (the node could not be built around it)."""
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
+        """Stop the engine process at once (the node could not be built around it, or is exiting)."""
+        atexit.unregister(self.kill)
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
             self._proc.join(5)
         self._cleanup_dir()
 
@@ -244,8 +253,8 @@ class EngineClient:
 
     def _flush(self, stop: bool = False) -> None:
         self._flush_scheduled = False
-        if not (self._ops or self._stall_s or stop) or self._commands is None:
-            return
+        if not (self._ops or self._stall_s or stop) or self._commands is None or self.failure is not None:
+            return  # (a dead engine reads nothing: what the node does after it fails is not sent)
         message = Commands(self._ops, self._stall_s, stop)
         self._ops, self._stall_s = [], 0.0
         self._commands_sent += 1
@@ -255,35 +264,40 @@ class EngineClient:
 
     # ---- steps ----
 
-    async def _read(self) -> None:
-        assert self._steps is not None
+    async def read_steps(self) -> None:
+        """Deliver the engine's steps to ``on_outputs`` until cancelled (a task of the node's
+        TaskGroup). Steps already waiting are merged per request into one call."""
+        assert self._steps is not None, "open() first"
         steps = self._steps
         while True:
             frames = [await steps.recv(copy=False)]
-            while True:  # everything already here: merged into one callback
+            while True:
                 try:
                     frames.append(await steps.recv(zmq.NOBLOCK, copy=False))
                 except zmq.Again:
                     break
-            self._deliver([self._decode(frame.buffer) for frame in frames])
+            self.deliver([self._decode(frame.buffer) for frame in frames])
 
-    def _deliver(self, steps: list[Step]) -> None:
-        self.step_messages += 1
-        self.steps_received += len(steps)
+    def deliver(self, steps: list[Step]) -> None:
+        """One call of ``on_outputs`` for ``steps`` (in order): each request's new tokens joined,
+        its last finish reason kept; the engine's stats and idleness from the last step."""
         last = steps[-1]
         self.stats = last.stats
         is_idle = last.stats.running == 0 and last.commands_seen == self._commands_sent
         self._waiting_since = None if is_idle else time.monotonic()
         busy_s = sum(step.busy_s for step in steps)
-        if len(steps) == 1:
-            outputs = steps[0].outputs
-        else:
-            merged: dict[str, EngineOutput] = {}
-            for step in steps:
-                for out in step.outputs:
-                    before = merged.get(out.request_id)
-                    merged[out.request_id] = out if before is None else EngineOutput(
-                        out.request_id, before.new_token_ids + out.new_token_ids, out.finish_reason)
-            outputs = list(merged.values())
+        outputs = steps[0].outputs if len(steps) == 1 else merge_outputs(steps)
         assert self._on_outputs is not None
         self._on_outputs(outputs, busy_s)
+
+
+def merge_outputs(steps: list[Step]) -> list[EngineOutput]:
+    """Every request's outputs over ``steps`` as one: token ids in order, the last finish reason
+    (a request finishes once, in its last step). Linear in the tokens."""
+    token_ids: dict[str, list[int]] = {}
+    finish: dict[str, FinishReason | None] = {}
+    for step in steps:
+        for out in step.outputs:
+            token_ids.setdefault(out.request_id, []).extend(out.new_token_ids)
+            finish[out.request_id] = out.finish_reason
+    return [EngineOutput(rid, ids, finish[rid]) for rid, ids in token_ids.items()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -66,14 +67,18 @@ def main(config: NodeConfig, commands_addr: str, steps_addr: str, start_pipe: Co
         sock.setsockopt(zmq.RCVHWM, 0)
     commands.connect(commands_addr)
     steps.connect(steps_addr)
-    start_pipe.send(ready)
-    start_pipe.close()
     try:
+        start_pipe.send(ready)
+        start_pipe.close()
         run(engine, commands, steps, config.min_step_ms / 1000, parent)
+    except BrokenPipeError:  # the node died while the model loaded
+        pass
     finally:
         commands.close(0)
         steps.close()  # lingers: the last outputs reach the node
         ctx.term()
+        if os.getppid() != parent:  # the node was killed: nobody else removes the sockets' folder
+            shutil.rmtree(os.path.dirname(commands_addr.removeprefix("ipc://")), ignore_errors=True)
 
 
 def run(engine: Engine, commands: zmq.Socket[bytes], steps: zmq.Socket[bytes], min_step_s: float, parent: int) -> None:

@@ -232,11 +232,11 @@ class Node:
                 raise ConfigError(f"cannot serve HTTP on {cfg.host} port {cfg.port}"
                                   f"{'' if cfg.metrics_port is None else f' / metrics {cfg.metrics_port}'}: "
                                   f"{exc.strerror or exc}") from None
+            self.engine.open(self._ctx, self._on_engine_outputs)
         except BaseException:
             await self._close()
             raise
         warn_if_open(cfg.host, self.curve)
-        self.engine.open(self._ctx, self._on_engine_outputs)
 
     def _bind(self, sock: zmq.asyncio.Socket, what: str, port: int) -> int:
         try:
@@ -262,6 +262,7 @@ class Node:
                 group.create_task(self._steal_server(), name="steal-server")
                 group.create_task(self._result_server(), name="result-server")
                 group.create_task(self._ticker(), name="ticker")
+                group.create_task(self.engine.read_steps(), name="engine-steps")
                 group.create_task(self._watch_engine(), name="engine-watch")
                 if cfg.scheduler.is_global:
                     self._registry = Registry(cfg.scheduler)
