@@ -260,10 +260,20 @@ class Scheduler:
         return fx.extend(self.admit(now))
 
     def on_engine_failure(self, reason: str) -> Effects:
+        """The engine is gone: our own requests fail (their clients get the error); tasks stolen
+        from others, started or not, go back to their origins at once, which resume them from the
+        tokens they hold, rather than waiting for our heartbeats to stop and the leases to lapse."""
         fx = Effects()
+        stolen_in: dict[str, list[Request]] = {}
         for request in list(self.requests.values()):
-            if not request.is_done:
+            if request.is_done:
+                continue
+            if request.origin_id:
+                stolen_in.setdefault(request.origin_id, []).append(request)
+            else:
                 self._end(request, State.FAILED, fx, error=f"engine failure: {reason}")
+        for origin_id, requests in stolen_in.items():
+            self._give_back(fx, origin_id, requests, "draining")
         return fx
 
     # ---- victim side: a thief asks for work ----

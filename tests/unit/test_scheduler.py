@@ -199,6 +199,35 @@ def test_cancel_of_a_leased_request_reaches_the_thief_and_frees_it():
     assert pair.origin.client["req-3"][-1].error == "cancelled"
 
 
+def test_a_thief_whose_engine_dies_hands_its_stolen_tasks_back_and_the_origin_resumes_them():
+    pair = Pair()
+    ids = [submit(pair.origin, i, 30) for i in range(6)]
+    stolen = [t.request_id for t in pair.steal(max_requests=2).tasks]
+    pair.run(5)
+    assert set(stolen) <= set(pair.thief.sched.running)
+    assert all(0 < len(pair.origin.tokens_of(rid)) < 30 for rid in stolen)
+    pair.thief.apply(pair.thief.sched.on_engine_failure("engine process exited"))
+    assert not pair.thief.sched.requests and not pair.thief.sched.remote and not pair.thief.engine.has_work()
+    assert pair.thief.client == {}  # not its requests: no client of its own hears of them
+    pair.deliver()
+    assert pair.origin.sched.stats.handbacks_received == 2
+    pair.run(200, thief_alive=False)
+    for i, rid in enumerate(ids):
+        assert pair.origin.tokens_of(rid) == expected(i, 30), rid
+    assert pair.origin.sched.stats.lease_expiries == 0  # handed back, not waited out
+    assert pair.origin.sched.stats.completed == 6
+
+
+def test_an_engine_failure_fails_the_nodes_own_requests_with_an_error():
+    side = Side("solo")
+    ids = [submit(side, i, 30) for i in range(3)]
+    side.step(0.0)
+    side.apply(side.sched.on_engine_failure("engine process exited (code -9)"))
+    for rid in ids:
+        assert side.client[rid][-1].error == "engine failure: engine process exited (code -9)"
+    assert side.sched.stats.failed == 3 and not side.sched.requests and not side.sched.pending
+
+
 def test_thief_drops_tasks_of_an_origin_that_went_silent():
     pair = Pair()
     for i in range(4):
