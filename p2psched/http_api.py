@@ -101,20 +101,28 @@ class Job:
         return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.handle.request_id
 
 
+def _is_failure(event: ClientEvent) -> bool:
+    return event.error is not None or event.finish_reason == "error"
+
+
 async def _next_events(job: Job) -> ClientEvent:
     """The next event, merged with those already queued behind it: a stream that fell behind
     its engine catches up in fewer, larger chunks (one SSE chunk may carry several tokens, as
-    OpenAI's may) instead of falling further behind. An error is never merged into tokens."""
+    OpenAI's may) instead of falling further behind. A failure is never merged into tokens (the
+    tokens before it are sent first), nor are events from another server or attempt."""
     events = job.handle.events
     event, job.held = job.held or await events.get(), None
-    while event.finish_reason is None and event.error is None and not events.empty():
+    if event.finish_reason is not None or _is_failure(event) or events.empty():
+        return event
+    token_ids = list(event.token_ids)
+    while event.finish_reason is None and not events.empty():
         after = events.get_nowait()
-        if after.error is not None or after.served_by != event.served_by or after.attempts != event.attempts:
+        if _is_failure(after) or after.served_by != event.served_by or after.attempts != event.attempts:
             job.held = after
             break
-        event = ClientEvent(event.request_id, event.token_ids + after.token_ids, after.finish_reason, None,
-                            after.served_by, after.attempts)
-    return event
+        token_ids += after.token_ids
+        event = after
+    return ClientEvent(event.request_id, token_ids, event.finish_reason, None, event.served_by, event.attempts)
 
 
 _json = msgspec.json.Encoder().encode
@@ -316,7 +324,7 @@ class HttpServer:
         return {"prompt_tokens": prompt, "completion_tokens": job.num_tokens, "total_tokens": prompt + job.num_tokens}
 
     def _failed(self, job: Job, event: ClientEvent) -> str | None:
-        if event.error is None and event.finish_reason != "error":
+        if not _is_failure(event):
             return None
         self._log(job, "failed", event.served_by, event.attempts)
         return f"request failed: {event.error or 'engine error'}"
