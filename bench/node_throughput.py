@@ -19,7 +19,7 @@ machine's noise:
   progress line shows the CPU cores the node (with its child processes) and the client kept
   busy: on a small machine they compete, and the one near a full core is the limit;
 - ``baseline`` (with ``--baseline-tree``): the same, the node started from another checkout
-  (cwd and PYTHONPATH set to it, same python). Runs alternate baseline, new, baseline, new.
+  (cwd and PYTHONPATH set to it, same python). The two trees swap order every other run.
 
 ``--sim-zero-cost`` sets every sim step cost the CLI can set to 0, so only the node's own work
 counts; engine-alone tokens/s are then the sim engine's own Python cost and no ratio is drawn
@@ -129,7 +129,7 @@ def drive(engine: Any, jobs: list[Job]) -> tuple[float, dict[str, int], int]:
     while a slot is free and the request's KV reservation fits."""
     from p2psched.core.engine import EngineRequest
     from p2psched.core.protocol import Sampling
-    from p2psched.core.scheduler import kv_reservation
+    from p2psched.core.request import kv_reservation
 
     limits = engine.limits
     pending, running = deque(jobs), dict[str, int]()  # request id -> its KV reservation
@@ -253,12 +253,15 @@ def node_args_for(args: argparse.Namespace, seqs: int, tree: Tree | None) -> lis
 
 
 def phases(args: argparse.Namespace, trees: list[Tree]) -> Iterator[tuple[int, int, str]]:
-    """(seqs, repeat, phase) in run order: per seqs value, each repeat runs engine, baseline, new."""
+    """(seqs, repeat, phase) in run order: per seqs value, each repeat runs the engine alone, then
+    the trees, in reverse order every other time (so neither always follows the engine)."""
+    turn = 0
     for seqs in args.seqs:
         for repeat in range(args.repeats):
             yield seqs, repeat, "engine"
-            for tree in trees:
+            for tree in trees if turn % 2 == 0 else trees[::-1]:
                 yield seqs, repeat, tree.label
+            turn += 1
 
 
 def run_all(args: argparse.Namespace, trees: list[Tree], workload: Workload, out_dir: Path) -> list[dict[str, Any]]:
@@ -330,7 +333,7 @@ def markdown_table(rows: list[dict[str, Any]], has_baseline: bool, zero_cost: bo
     else:
         header += ["node tok/s"]
     if not zero_cost:
-        header += ["node/engine"] + (["baseline node/engine"] if has_baseline else [])
+        header += ["node/engine"] + (["baseline node / new engine"] if has_baseline else [])
     latency_columns = ["TTFT p50 s", "TTFT p99 s", "inter-chunk p50 ms", "tokens/chunk"]
     header += [f"new {c}" for c in latency_columns] if has_baseline else latency_columns
     if has_baseline:

@@ -38,6 +38,21 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
+def kv_reservation(num_prompt_tokens: int, max_tokens: int, reserve_output_tokens: int | None = None) -> int:
+    """KV tokens that admission holds for a request until it ends: the prompt and all of
+    ``max_tokens``, or only ``reserve_output_tokens`` of output on an engine that preempts by
+    recompute when blocks run out (it overcommits its own requests to keep batches full).
+
+    A steal is counted in the full form on both sides. The thief offers its free KV tokens
+    (``Scheduler.steal_capacity``); the victim fits each task it grants at prompt + max_tokens
+    against that offer (``policy.select_grant``, through ``Request.reserved_tokens``); the thief
+    books each stolen task at that amount when it starts it (``Scheduler._reservation``). A
+    steal does not say how its thief's engine overcommits, so the full form is the one a victim
+    can compute; with it a grant never exceeds the offer and every granted task starts at once."""
+    outputs = max_tokens if reserve_output_tokens is None else min(reserve_output_tokens, max_tokens)
+    return num_prompt_tokens + outputs
+
+
 @dataclass
 class Request:
     request_id: str
@@ -70,7 +85,8 @@ class Request:
 
     @property
     def reserved_tokens(self) -> int:
-        return len(self.prompt_token_ids) + self.sampling.max_tokens
+        """What a steal counts this request at, on both sides (``kv_reservation``'s full form)."""
+        return kv_reservation(len(self.prompt_token_ids), self.sampling.max_tokens)
 
     def transition(self, new: State) -> None:
         if new not in TRANSITIONS[self.state]:

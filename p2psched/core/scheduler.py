@@ -58,7 +58,7 @@ from .protocol import (
     checked_task_frame,
     encode,
 )
-from .request import Request, State
+from .request import Request, State, kv_reservation
 from .stats import Stats
 from .thief import RemoteTasks
 
@@ -67,19 +67,6 @@ log = logging.getLogger(__name__)
 GRANT_OVERHEAD_BYTES = 1024  # a grant's own fields, beside its tasks
 
 
-def kv_reservation(num_prompt_tokens: int, max_tokens: int, reserve_output_tokens: int | None = None) -> int:
-    """KV tokens that admission holds for a request until it ends: the prompt and all of
-    ``max_tokens``, or only ``reserve_output_tokens`` of output on an engine that preempts by
-    recompute when blocks run out (it overcommits its own requests to keep batches full).
-
-    A steal is counted in the full form on both sides. The thief offers its free KV tokens
-    (``steal_capacity``); the victim fits each task it grants at prompt + max_tokens against
-    that offer (``on_steal``; ``policy.select_grant`` uses the same, ``Request.reserved_tokens``);
-    the thief books each stolen task at that amount when it starts it (``_reservation``). A
-    steal does not say how its thief's engine overcommits, so the full form is the one a victim
-    can compute; with it a grant never exceeds the offer and every granted task starts at once."""
-    outputs = max_tokens if reserve_output_tokens is None else min(reserve_output_tokens, max_tokens)
-    return num_prompt_tokens + outputs
 
 
 @dataclass
@@ -290,12 +277,9 @@ class Scheduler:
             reason = "model_mismatch"
         else:
             size = GRANT_OVERHEAD_BYTES
-            budget = steal.max_tokens  # the thief's offer, in kv_reservation's full form
+            # select_grant fits every task into the thief's offer at kv_reservation's full form
             for request in select_grant(self.pending.from_back(), self.pending.total_work, steal.max_requests,
                                         steal.max_tokens, steal.max_model_len, steal.thief_id):
-                charge = kv_reservation(len(request.prompt_token_ids), request.sampling.max_tokens)
-                if charge > budget:
-                    continue  # select_grant counts the same; this keeps the invariant here whatever it does
                 task = Task(request.request_id, self.params.node_id, self.params.node_name, request.epoch,
                             request.prompt_token_ids, list(request.delivered_token_ids), request.sampling,
                             request.deadline)
@@ -309,7 +293,6 @@ class Scheduler:
                 if size + task_bytes > MAX_GRANT_BYTES:
                     break
                 size += task_bytes
-                budget -= charge
                 chosen.append((request, task))
             reason = "ok" if chosen else "empty"
         grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [task for _, task in chosen],

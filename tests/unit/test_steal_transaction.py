@@ -12,7 +12,8 @@ from p2psched import PROTOCOL_VERSION
 from p2psched.core.engine import EngineLimits
 from p2psched.core.errors import IllegalTransition
 from p2psched.core.protocol import Cancel, Grant, Sampling, Steal, Task, decode
-from p2psched.core.scheduler import Scheduler, SchedulerParams, kv_reservation
+from p2psched.core.request import kv_reservation
+from p2psched.core.scheduler import Scheduler, SchedulerParams
 from p2psched.core.stats import Stats
 from p2psched.core.steals import GrantCache, GrantVerdict, SentSteals, StealState
 
