@@ -51,20 +51,23 @@ class SamplingBatch:
     is_greedy: torch.Tensor  # bool [rows]
     temperature: torch.Tensor  # float64 [rows]; 1 on greedy rows (never used there)
     top_p: torch.Tensor  # float64 [rows]; inf when off (so rounding of the running sum never drops a token)
+    sampled_rows: torch.Tensor | None  # int64 [n]: the rows that draw; None when every row does
     all_greedy: bool  # host-side: skip the noise
     any_filter: bool  # host-side: some row uses top-k or top-p (the sort)
 
     @classmethod
     def build(cls, params: list[SamplingParams], positions: list[int], device: torch.device) -> SamplingBatch:
-        """One [6, rows] int64 host tensor (floats as their float64 bits), one non-blocking upload."""
+        """One [7, rows] int64 host tensor (floats as their float64 bits), one non-blocking upload."""
+        drawing = [i for i, p in enumerate(params) if not p.is_greedy]
         ints = torch.tensor([[p.seed & _MASK63 for p in params], positions,
-                             [p.top_k for p in params], [int(p.is_greedy) for p in params]], dtype=torch.int64)
+                             [p.top_k for p in params], [int(p.is_greedy) for p in params],
+                             drawing + [0] * (len(params) - len(drawing))], dtype=torch.int64)
         floats = torch.tensor([[1.0 if p.is_greedy else p.temperature for p in params],
                                [p.top_p if p.top_p < 1.0 else float("inf") for p in params]], dtype=torch.float64)
         packed = torch.cat([ints, floats.view(torch.int64)]).to(device, non_blocking=True)
-        seeds, pos, top_k, greedy, temperature, top_p = packed.unbind(0)
+        seeds, pos, top_k, greedy, rows, temperature, top_p = packed.unbind(0)
         return cls(seeds, pos, top_k, greedy.bool(), temperature.view(torch.float64), top_p.view(torch.float64),
-                   all(p.is_greedy for p in params),
+                   rows[:len(drawing)] if 0 < len(drawing) < len(params) else None, not drawing,
                    any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.is_greedy))
 
 
@@ -79,16 +82,29 @@ def hash_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> to
 
 
 def sample_on_device(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """logits [rows, vocab] float32 -> token ids [rows] int64, on the logits' device (not waited for)."""
+    """logits [rows, vocab] float32 -> token ids [rows] int64, on the logits' device (not waited
+    for). The noise and the filters, a few dozen passes over [rows, vocab], cover only the rows
+    that draw; greedy rows are one argmax."""
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy
-    scaled = logits / batch.temperature.unsqueeze(1).float()  # [rows, vocab]
-    if batch.any_filter:
-        scaled = top_k_top_p_mask(scaled, batch.top_k, batch.top_p)
-    gumbel = -torch.log(-torch.log(hash_uniform(batch.seeds, batch.positions, logits.shape[1])))
-    drawn = (scaled.double() + gumbel).argmax(dim=-1)
-    return torch.where(batch.is_greedy, greedy, drawn)
+    if batch.sampled_rows is None:
+        return torch.where(batch.is_greedy, greedy, _draw(logits, batch.temperature, batch.top_k, batch.top_p,
+                                                         batch.seeds, batch.positions, batch.any_filter))
+    rows = batch.sampled_rows
+    drawn = _draw(logits.index_select(0, rows), batch.temperature.index_select(0, rows),
+                  batch.top_k.index_select(0, rows), batch.top_p.index_select(0, rows),
+                  batch.seeds.index_select(0, rows), batch.positions.index_select(0, rows), batch.any_filter)
+    return greedy.index_copy(0, rows, drawn)
+
+
+def _draw(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+          seeds: torch.Tensor, positions: torch.Tensor, any_filter: bool) -> torch.Tensor:
+    scaled = logits / temperature.unsqueeze(1).float()  # [rows, vocab]
+    if any_filter:
+        scaled = top_k_top_p_mask(scaled, top_k, top_p)
+    gumbel = -torch.log(-torch.log(hash_uniform(seeds, positions, logits.shape[1])))
+    return (scaled.double() + gumbel).argmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
