@@ -115,7 +115,7 @@ class NodeMetrics:
         labels = ["node"]
         self.ttft = Histogram("p2psched_time_to_first_token_seconds", "Arrival to first token, at the origin",
                               labels, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(node.name)
-        self.itl = Histogram("p2psched_inter_token_seconds", "Gap between token events, at the origin",
+        self.itl = Histogram("p2psched_inter_token_seconds", "Gap between streamed chunks at the origin (a chunk may carry several tokens)",
                              labels, buckets=_ITL_BUCKETS, registry=self.registry).labels(node.name)
         self.e2e = Histogram("p2psched_e2e_latency_seconds", "Arrival to last token, at the origin",
                              labels, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(node.name)
