@@ -3,6 +3,6 @@
 Redis is only the registry; requests and tokens travel node to node over ZeroMQ.
 """
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 __all__ = ["PROTOCOL_VERSION"]

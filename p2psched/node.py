@@ -8,9 +8,10 @@ child of one ``asyncio.TaskGroup`` in ``Node.run``:
     result server   ROUTER: Tokens / Heartbeat / Handback from thieves -> Ack / HeartbeatAck / Cancel
     peer readers    one per peer link (``peers.py``): grants, load reports and origin replies
     ticker          leases, deadlines, heartbeats (only while the engine makes progress), retransmits
-    registry        heartbeat our record, refresh the peer table (last-known when Redis is down)
-    stealer         woken when this node runs out of queued work, plus a periodic re-check;
-                    backs off from victims with nothing to give; probes peers while Redis is down
+    registry        heartbeat our record, read who the members are (last-known when Redis is down)
+    prober          while this node could steal, ask a few random peers how their queues look
+    stealer         woken by reports, grants and freed slots: steals what is older than its own
+                    work from the peer whose oldest request waited longest (``core/balance.py``)
     engine reader   one message per engine step (``engine_client.py``): tokens to clients and origins
     engine watch    the engine process died: fail every request, deregister, exit 1
     http            the OpenAI-compatible surface (``http_api.py``, through ``service.py``)
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import logging
 import random
 import signal
@@ -44,7 +44,8 @@ from .containment import Containment, OncePerMinute
 from .core.config import NodeConfig
 from .core.engine import ChatTemplateFn, EngineOutput, TextStreamFactory, Tokenizer
 from .core.errors import ConfigError, ProtocolError, RegistryUnavailable, RequestRejected
-from .core.policy import PeerLoad, StealBackoff, choose_victims
+from .core.balance import Balancer
+from .core.policy import PeerLoad
 from .core.protocol import (
     MAX_COUNT,
     MAX_TASKS_PER_GRANT,
@@ -76,8 +77,9 @@ from .transport import DropLog, Sender, bind, make_socket
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
-PUBLISH_MIN_GAP_S = 0.05  # load changes reach Redis at most this often (and every heartbeat)
-PEER_REFRESH_MIN_GAP_S = 0.1  # an idle node with no victim re-reads the registry at most this often
+PROBE_INTERVAL_S = 0.02  # each round asks a few random peers how long their queues are, and how old
+PEER_REFRESH_MIN_GAP_S = 0.1  # a steal or probe from an unknown peer re-reads the members at most this often
+RECHECK_EACH_REFRESH = 1  # known members whose records are read again per refresh, in turn (expiry)
 ENGINE_FAILURE_GRACE_S = 5.0  # for clients to get their errors, and for deregistering
 KNOWN_KEYS = 4096  # node id -> public key of peers seen in the registry (node ids never reuse keys)
 
@@ -127,14 +129,15 @@ class Node:
         self._routes: OrderedDict[str, bytes] = OrderedDict()  # CurveZMQ: node id -> result routing id
         self._allowed_keys = self.curve.allowed_keys() if self.curve else frozenset()
         self._bad_records = OncePerMinute()
-        self._backoff = StealBackoff()
-        self._wake_stealer = asyncio.Event()
-        self._load_changed = asyncio.Event()
-        self._published_pending = -1
-        self._peers_refreshed_at = -1e9
-        self._probed_at = -1e9
-        self._stop_requested = asyncio.Event()
         self._rng = random.Random()
+        self.balancer = Balancer(self.node_id, self._rng, min_queue=config.scheduler.min_load_score)
+        self._records: dict[str, NodeRecord] = {}  # the registry's members, as last read
+        self._suspects: set[str] = set()  # peers that stopped answering: their records are read again
+        self._recheck_turn = 0
+        self._wake_stealer = asyncio.Event()
+        self._refresh_soon = asyncio.Event()
+        self._peers_refreshed_at = -1e9
+        self._stop_requested = asyncio.Event()
         self._registry: Registry | None = None
         self._auth: AsyncioAuthenticator | None = None
         self._http: HttpServer | None = None
@@ -269,6 +272,7 @@ class Node:
                     await self._register_first()  # "up" (and /health 200) means listed in the registry
                     group.create_task(self._registry_loop(), name="registry")
                     group.create_task(self._stealer(), name="stealer")
+                    group.create_task(self._prober(), name="prober")
                 group.create_task(self._shutdown(), name="shutdown")
                 log.info("node %s (%s) up: http %s steal %s result %s scheduler=%s model=%s curve=%s", self.name,
                          self.node_id, self.http_url, self.steal_endpoint, self.result_endpoint,
@@ -316,7 +320,6 @@ class Node:
 
     def _apply(self, fx: Effects) -> None:
         engine = self.engine
-        self._note_load_change()
         for event in fx.client:
             handle = self._handles.get(event.request_id)
             if handle is not None:
@@ -352,9 +355,11 @@ class Node:
             self._wake_stealer.set()
 
     def _can_steal(self) -> bool:
-        """Room for work, not draining, and an engine that makes progress (a hung engine would
-        only hold what it steals until the leases lapse, again and again)."""
-        return self.scheduler.steal_capacity() is not None and not self.is_draining and not self.is_engine_stalled
+        """A free slot or a queue of its own (``balance.py`` decides what, if anything, to take),
+        not draining, and an engine that makes progress (a hung engine would only hold what it
+        steals until the leases lapse, again and again)."""
+        sched = self.scheduler
+        return (sched.free_slots > 0 or bool(sched.pending)) and not self.is_draining and not self.is_engine_stalled
 
     def _on_engine_outputs(self, outputs: list[EngineOutput], busy_s: float) -> None:
         with self.containment.guard("engine-outputs"):
@@ -362,17 +367,14 @@ class Node:
             self._wake_stealer_if_idle()
 
     def _on_grant(self, grant: Grant) -> None:
-        victim = self.peers.get(grant.victim_id)
-        if victim is not None:
-            self.peers[grant.victim_id] = dataclasses.replace(victim, pending=grant.victim_pending)
+        now = time.time()
+        self.balancer.heard(grant.victim_id, grant.victim_pending, grant.victim_oldest_waited_s, now)
         if grant.tasks:
-            self._apply(self.scheduler.on_grant(grant, time.time()))
+            self._apply(self.scheduler.on_grant(grant, now))
 
     def _on_load(self, report: LoadReport) -> None:
-        peer = self.peers.get(report.node_id)
-        if peer is not None:
-            self.peers[report.node_id] = dataclasses.replace(
-                peer, pending=report.pending, pending_tokens=report.pending_tokens, running=report.running)
+        self.balancer.heard(report.node_id, report.grantable, report.oldest_waited_s, time.time())
+        self._wake_stealer_if_idle()
 
     def _on_origin_message(self, message: Ack | HeartbeatAck | Cancel) -> None:
         now = time.time()
@@ -435,11 +437,13 @@ class Node:
             self._drops.refuse("steal", peer, problem)
             return None
         if isinstance(message, Probe):
-            if message.thief_id not in self.peers:
+            if message.thief_id not in self.peers:  # not a member we know (yet): look again soon
+                self._refresh_soon.set()
                 return None
             load = self.scheduler.load()
+            grantable, waited = self.scheduler.queue_report(time.time())
             return encode(LoadReport(PROTOCOL_VERSION, message.probe_id, self.node_id, load["pending"],
-                                     load["pending_tokens"], load["running"]))
+                                     load["pending_tokens"], load["running"], waited, grantable))
         cached = self._grants.replay(message.thief_id, message.steal_id)
         if cached is not None:
             return cached  # a repeated steal id gets the same grant
@@ -448,15 +452,13 @@ class Node:
         thief = self.peers.get(message.thief_id)
         if thief is None:  # not a registered peer of our topic (yet): look again soon; it will ask again
             grant, reply = self.scheduler.refuse_steal(message, "unknown_peer")
-            self._peers_refreshed_at = -1e9
-            self._load_changed.set()
+            self._refresh_soon.set()
         elif thief.model_id != self.engine.model_id:  # its record, not its claim, says what it runs
             grant, reply = self.scheduler.refuse_steal(message, "model_mismatch")
         else:
             grant, reply = self.scheduler.on_steal(message, time.time())
         self._grants.put(message.thief_id, message.steal_id, reply)
         if grant.tasks:
-            self._note_load_change()
             log.info("granted %d request(s) to %s", len(grant.tasks), message.thief_name)
         return reply
 
@@ -515,22 +517,24 @@ class Node:
                           load["pending"], load["pending_tokens"], load["running"], load["free_slots"],
                           load["free_kv_tokens"], self.curve.public_key if self.curve else "")
 
-    def _note_load_change(self) -> None:
-        pending = len(self.scheduler.pending)
-        if pending != self._published_pending:
-            self._load_changed.set()
-
     async def _refresh_peers(self) -> None:
-        """Read the registry; keep the records a peer can use, connect to new peers early (so the
-        first steal does not wait for a handshake). Bad records are counted and skipped."""
+        """Read who the members are (``Registry.members``: the records of new members, of peers
+        that stopped answering, and of one more in turn); keep the records a peer can use and
+        connect to new peers early (so the first steal does not wait for a handshake). Bad records
+        are counted and skipped. Loads are not read here: peers report their queues themselves."""
         assert self._registry is not None
-        records = await self._registry.nodes()
+        known = {node_id: record for node_id, record in self._records.items() if node_id not in self._suspects}
+        turn = sorted(known)[self._recheck_turn % len(known):][:RECHECK_EACH_REFRESH] if known else []
+        self._recheck_turn += RECHECK_EACH_REFRESH
+        records = await self._registry.members(known, self._suspects | set(turn))
+        self._suspects.clear()
+        self._records = records
         self._peers_refreshed_at = time.monotonic()
         if self.curve is not None and self._auth is not None:  # keys added or revoked while we run
             self.curve.reload_allow_list(self._auth)
             self._allowed_keys = self.curve.allowed_keys()
         peers: dict[str, PeerLoad] = {}
-        for record in records:
+        for record in records.values():
             if record.node_id == self.node_id or record.version != PROTOCOL_VERSION:
                 continue
             if record.steal_endpoint == self.steal_endpoint:  # our predecessor on these ports, not yet expired
@@ -557,8 +561,8 @@ class Node:
         while len(self._known_keys) > KNOWN_KEYS:
             self._known_keys.popitem(last=False)
         self.peers = peers
+        self.balancer.set_members(p.node_id for p in peers.values() if p.model_id == self.engine.model_id)
         self._links.prune(set(peers) | self.scheduler.remote.origins())
-        self._backoff.forget(set(peers))
 
     async def _register_first(self) -> None:
         assert self._registry is not None
@@ -570,17 +574,14 @@ class Node:
             log.warning("registry unavailable at start (%s): serving alone until it is back", exc)
 
     async def _registry_loop(self) -> None:
-        """Heartbeat every interval, and soon after our queue length changes (rate-limited)."""
+        """Every heartbeat interval: write our record (and load, for operators), read who the
+        members are. Sooner when an unknown peer asks us for work (it may have just joined)."""
         assert self._registry is not None
         interval = self.config.scheduler.heartbeat_interval
         while not self.is_draining:
             try:
-                self._load_changed.clear()
-                record = self._record()
-                await self._registry.heartbeat(record)
-                self._published_pending = record.pending
-                if time.monotonic() - self._peers_refreshed_at >= interval:
-                    await self._refresh_peers()
+                await self._registry.heartbeat(self._record())
+                await self._refresh_peers()
                 if self.is_registry_stale:
                     log.info("registry reachable again: re-registered")
                 self.is_registry_stale = False
@@ -593,11 +594,27 @@ class Node:
                 self.is_registry_stale = True
             except Exception as exc:  # noqa: BLE001 - what Redis returned made no sense: count it, go on
                 self.containment.record("registry", "redis", exc)
-            await asyncio.sleep(PUBLISH_MIN_GAP_S)
+            self._refresh_soon.clear()
             try:
-                await asyncio.wait_for(self._load_changed.wait(), max(0.0, interval - PUBLISH_MIN_GAP_S))
+                await asyncio.wait_for(self._refresh_soon.wait(), interval)
+                await asyncio.sleep(PEER_REFRESH_MIN_GAP_S)
             except TimeoutError:
                 pass
+
+    async def _prober(self) -> None:
+        """Every probe interval, while this node could steal (a free slot, or a queue of its
+        own), ask a few random peers how their queues look (``balance.py``); the answers arrive
+        through ``_on_load``. Nobody waits for them."""
+        while not self.is_draining:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            with self.containment.guard("prober"):
+                if not self._can_steal():
+                    continue
+                for node_id in self.balancer.probe_targets():
+                    peer = self.peers.get(node_id)
+                    if peer is not None:
+                        self.stats.probes_sent += 1
+                        self._links.send_probe(peer, Probe(PROTOCOL_VERSION, uuid.uuid4().hex, self.node_id))
 
     async def _stealer(self) -> None:
         cfg = self.config.scheduler
@@ -612,59 +629,38 @@ class Node:
             with self.containment.guard("stealer"):
                 await self._steal_round()
 
-    def _victims(self) -> list[PeerLoad]:
-        now = time.monotonic()
-        return [peer for peer in choose_victims(self.peers.values(), self.node_id, self.engine.model_id,
-                                                self.config.scheduler.min_load_score, self._rng)
-                if self._backoff.is_ready(peer, now)]
-
     async def _steal_round(self) -> None:
+        """Steal while the balancer says a peer holds older work than we do (``balance.py``):
+        one steal in flight at a time, each sized by what this node can take now."""
         cfg = self.config.scheduler
-        if not self._can_steal():
-            return
-        if self.is_registry_stale:
-            await self._probe_peers()  # last-known loads only fall (grants); ask the peers directly
-        victims = self._victims()
-        if not victims and not self.is_registry_stale \
-                and time.monotonic() - self._peers_refreshed_at >= PEER_REFRESH_MIN_GAP_S:
-            try:
-                await self._refresh_peers()  # the table may be a heartbeat old: look again
-            except RegistryUnavailable:
-                self.is_registry_stale = True
-            victims = self._victims()
-        for victim in victims:
-            capacity = self.scheduler.steal_capacity()
-            if capacity is None or not self._can_steal():
-                break
-            max_requests, max_tokens = capacity
+        while self._can_steal():
+            plan = self.scheduler.plan_steal(self.balancer, time.time())
+            if plan is None:
+                return
+            victim = self.peers.get(plan.victim_id)
+            if victim is None:
+                self.balancer.lost(plan.victim_id)
+                continue
             self.stats.steals_attempted += 1
             steal = Steal(PROTOCOL_VERSION, uuid.uuid4().hex, victim.node_id, self.node_id, self.name,
-                          self.engine.model_id, min(max_requests, MAX_TASKS_PER_GRANT), min(max_tokens, MAX_COUNT),
-                          self.engine.limits.max_model_len)
+                          self.engine.model_id, min(plan.max_requests, MAX_TASKS_PER_GRANT),
+                          min(plan.max_tokens, MAX_COUNT), self.engine.limits.max_model_len, plan.min_waited_s)
             grant = await self._links.steal(victim, steal, cfg.steal_timeout)
             if grant is None:
                 self.stats.steals_timed_out += 1
-                self._backoff.fruitless(victim, time.monotonic(), victim.pending)
+                self.balancer.lost(victim.node_id)
+                self._suspects.add(victim.node_id)
                 continue
             if grant.reason == "wrong_node":  # the peer restarted; its ports have a new owner
                 self.stats.steals_wrong_node += 1
                 self.peers.pop(victim.node_id, None)
-                self._peers_refreshed_at = -1e9
+                self.balancer.lost(victim.node_id)
+                self._suspects.add(victim.node_id)
+                self._refresh_soon.set()
                 continue
+            self.balancer.granted(victim.node_id, fruitless=not grant.tasks, now=time.time())
             if grant.tasks:
                 self.stats.steals_granted += 1
-                self._backoff.granted(victim)
-                break
-            self.stats.steals_empty += 1
-            self._backoff.fruitless(victim, time.monotonic(), grant.victim_pending)
+            else:
+                self.stats.steals_empty += 1
 
-    async def _probe_peers(self) -> None:
-        """While Redis is unreachable, ask every known peer for its load once per heartbeat interval."""
-        cfg = self.config.scheduler
-        if time.monotonic() - self._probed_at < cfg.heartbeat_interval:
-            return
-        self._probed_at = time.monotonic()
-        peers = [p for p in self.peers.values() if p.model_id == self.engine.model_id]
-        self.stats.probes_sent += len(peers)
-        await asyncio.gather(*(self._links.probe(peer, Probe(PROTOCOL_VERSION, uuid.uuid4().hex, self.node_id),
-                                                 cfg.steal_timeout) for peer in peers))

@@ -4,7 +4,7 @@ A steal is a request/reply on the steal DEALER, matched by steal id. Whether a g
 is decided by the pure steal table (``steals.SentSteals``: unsolicited, repeated and wrong-victim
 grants are dropped and counted; a grant that arrives after the caller gave up waiting is still
 applied, its tasks being leased to us); taken grants go to ``on_grant``. Load reports (answers
-to probes, sent while the registry is unreachable) go to ``on_load``. Acks, heartbeat acks and
+to probes: how long a peer's queue is, and how old) go to ``on_load``. Acks, heartbeat acks and
 cancels from origins arrive on the result DEALER and go to ``on_origin_message``. Each link has
 one reader loop, started in the node's task group; an error handling one message is contained
 to that message.
@@ -137,12 +137,12 @@ class PeerLinks:
             self._steals.gave_up(request.steal_id)  # a no-op once answered
         return reply if isinstance(reply, Grant) else None
 
-    async def probe(self, peer: PeerLoad, probe: Probe, timeout: float) -> LoadReport | None:
-        """Ask a peer for its load (while the registry is unreachable); None on timeout."""
+    def send_probe(self, peer: PeerLoad, probe: Probe) -> bool:
+        """Ask a peer how its queue looks; its report, if it comes, goes to ``on_load`` (no one
+        waits for it: a report that does not come leaves an old view to age out)."""
         link = self.link(peer)
         link.remember_probe(probe.probe_id)
-        reply = await self._call(link, probe.probe_id, encode(probe), timeout)
-        return reply if isinstance(reply, LoadReport) else None
+        return self._sender.send(link.steal, [encode(probe)])
 
     async def _call(self, link: PeerLink, call_id: str, frame: bytes, timeout: float) -> Grant | LoadReport | None:
         future: asyncio.Future[Grant | LoadReport] = asyncio.get_running_loop().create_future()

@@ -55,8 +55,8 @@ class SchedulerConfig:
     ttl: float = field(default=900.0, metadata=flag(
         "--scheduler-ttl", "seconds a request may wait before it first starts on some engine; then its client "
                            "gets an error"))
-    min_load_score: int = field(default=3, metadata=flag(
-        "--scheduler-min-load-score", "a peer is stolen from only with at least this many pending requests"))
+    min_load_score: int = field(default=1, metadata=flag(
+        "--scheduler-min-load-score", "a peer is stolen from only with at least this many requests it could give"))
     load_shards_num: int = field(default=1, metadata=flag(
         "--scheduler-load-shards-num", "shards (sorted sets) of the Redis load index"))
     heartbeat_interval: float = field(default=1.0, metadata=flag(
@@ -64,9 +64,9 @@ class SchedulerConfig:
     lease_timeout: float = field(default=3.0, metadata=flag(
         "--lease-timeout", "seconds a thief may stay silent before the origin takes its request back"))
     steal_timeout: float = field(default=0.25, metadata=flag(
-        "--steal-timeout", "seconds to wait for a grant before asking the next peer"))
+        "--steal-timeout", "seconds to wait for a grant before the peer counts as not answering"))
     recheck_interval: float = field(default=0.5, metadata=flag(
-        "--recheck-interval", "seconds between an idle node's checks for work to steal, when nothing wakes it"))
+        "--recheck-interval", "seconds between a node's checks for work to steal, when nothing wakes it"))
 
     def __post_init__(self) -> None:
         _check(self.name in ("local", "global"), f"scheduler name must be local or global, got {self.name!r}")

@@ -1,8 +1,10 @@
-"""The pending queue: accepted requests not started yet, in the order the engine takes them.
+"""The pending queue: accepted requests not started yet, oldest first (by arrival at their
+origin), the order the engine takes them and the order victims grant them in.
 
-O(1) push at either end, pop from the front and removal from anywhere (a grant or a cancel
-takes requests out of the middle); ``total_work`` is kept up to date so grant sizing and the
-published load never walk the queue.
+New requests are pushed at the back; a request that comes back (handed back, resumed, or
+stolen from a peer, where it had already waited) is inserted by its arrival, which walks only
+past the younger ones. Removal from anywhere (a grant or a cancel) is O(1); ``total_work`` is
+kept up to date so the published load never walks the queue.
 """
 
 from __future__ import annotations
@@ -27,15 +29,6 @@ class PendingQueue:
     def __iter__(self) -> Iterator[Request]:
         return iter(self._items.values())
 
-    def from_back(self, skip_head: bool = True) -> Iterator[Request]:
-        """Back to front; without the head (the request the engine starts next) by default."""
-        remaining = len(self._items) - (1 if skip_head else 0)
-        for request in reversed(self._items.values()):
-            if remaining <= 0:
-                return
-            remaining -= 1
-            yield request
-
     def head(self) -> Request | None:
         return next(iter(self._items.values()), None)
 
@@ -44,8 +37,28 @@ class PendingQueue:
         self.total_work += request.work_tokens
 
     def push_front(self, request: Request) -> None:
+        """Next to start, whatever its age (a request resumed here after its thief went silent:
+        its client has part of its stream already). Such a request is pinned: never granted."""
         self.push_back(request)
         self._items.move_to_end(request.request_id, last=False)
+
+    def insert_by_arrival(self, request: Request) -> None:
+        """Before every request that arrived after it (ties: after those already here)."""
+        younger: list[str] = []
+        for other in reversed(self._items.values()):
+            if other.arrival <= request.arrival:
+                break
+            younger.append(other.request_id)
+        self.push_back(request)
+        for request_id in reversed(younger):
+            self._items.move_to_end(request_id)
+
+    def oldest_grantable(self) -> Request | None:
+        """The first request a thief could be given (not pinned here)."""
+        return next((r for r in self._items.values() if not r.is_pinned), None)
+
+    def num_grantable(self) -> int:
+        return sum(1 for r in self._items.values() if not r.is_pinned)
 
     def pop_front(self) -> Request:
         _, request = self._items.popitem(last=False)

@@ -7,7 +7,7 @@ failure raises ``ProtocolError``; the socket loop counts and drops the frame.
 
 Message flow (thief T, victim/origin V):
   T --Steal--> V.steal (DEALER -> ROUTER)      V --Grant(tasks)--> T
-  T --Probe--> V.steal                         V --LoadReport--> T     (registry unreachable)
+  T --Probe--> V.steal                         V --LoadReport--> T     (queue length and age)
   T --Tokens / Heartbeat / Handback--> V.result (DEALER -> ROUTER)
   V --Ack / HeartbeatAck / Cancel--> T over the same connection
 """
@@ -45,6 +45,7 @@ MAX_COUNT = 1 << 31
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0.0, le=1e11)]  # finite: NaN and infinity fail the bounds
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]  # a duration; finite
 FinishReason = Literal["stop", "length", "abort", "error"]
 GrantReason = Literal["ok", "empty", "model_mismatch", "not_accepting", "unknown_peer", "wrong_node"]
 # Why a thief gives a task back unrun: its engine cannot run it, it waited past its deadline
@@ -79,6 +80,7 @@ class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     delivered_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_CONTEXT_TOKENS)]
     sampling: Sampling
     deadline: UnixTime  # unix time by which it must have started running, or the origin gives up on it
+    waited_s: Seconds = 0.0  # how long it had waited since it arrived at its origin, when granted
 
 
 class Steal(_Base, frozen=True, tag="steal"):
@@ -90,6 +92,7 @@ class Steal(_Base, frozen=True, tag="steal"):
     max_requests: Annotated[int, msgspec.Meta(ge=1, le=MAX_TASKS_PER_GRANT)]
     max_tokens: Count  # prompt + output tokens the thief can hold in its KV cache
     max_model_len: Count  # longest prompt + output the thief's engine runs
+    min_waited_s: Seconds = 0.0  # only requests that have waited at least this long (0: any)
 
 
 class Grant(_Base, frozen=True, tag="grant"):
@@ -98,6 +101,7 @@ class Grant(_Base, frozen=True, tag="grant"):
     tasks: Annotated[list[Task], msgspec.Meta(max_length=MAX_TASKS_PER_GRANT)]
     victim_pending: Count  # victim's queue after the grant, so thieves need not wait for Redis
     reason: GrantReason = "ok"
+    victim_oldest_waited_s: Seconds = 0.0  # the wait of its oldest grantable request left (0: none)
 
 
 class TokenItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -137,20 +141,22 @@ class Handback(_Base, frozen=True, tag="handback"):
 
 
 class Probe(_Base, frozen=True, tag="probe"):
-    """Thief -> victim (steal socket), while the registry is unreachable: how loaded are you?"""
+    """Thief -> victim (steal socket): how long is your queue, and how old is its oldest request?"""
 
     probe_id: Id
     thief_id: Id
 
 
 class LoadReport(_Base, frozen=True, tag="load"):
-    """Victim -> thief: the answer to a Probe (the load fields of a registry record)."""
+    """Victim -> thief: the answer to a Probe."""
 
     probe_id: Id
     node_id: Id
     pending: Count
     pending_tokens: Count
     running: Count
+    oldest_waited_s: Seconds = 0.0  # the wait of its oldest grantable request (0: none)
+    grantable: Count = 0  # requests in its queue a thief could be given
 
 
 class Heartbeat(_Base, frozen=True, tag="heartbeat"):

@@ -44,11 +44,12 @@ def kv_reservation(num_prompt_tokens: int, max_tokens: int, reserve_output_token
     recompute when blocks run out (it overcommits its own requests to keep batches full).
 
     A steal is counted in the full form on both sides. The thief offers its free KV tokens
-    (``Scheduler.steal_capacity``); the victim fits each task it grants at prompt + max_tokens
-    against that offer (``policy.select_grant``, through ``Request.reserved_tokens``); the thief
-    books each stolen task at that amount when it starts it (``Scheduler._reservation``). A
-    steal does not say how its thief's engine overcommits, so the full form is the one a victim
-    can compute; with it a grant never exceeds the offer and every granted task starts at once."""
+    (``Scheduler.plan_steal``; a thief with a queue of its own offers its whole cache, as the
+    tasks wait in its queue); the victim fits each task it grants at prompt + max_tokens against
+    that offer (``policy.select_grant``, through ``Request.reserved_tokens``); the thief books
+    each stolen task at that amount when it starts it (``Scheduler._reservation``). A steal does
+    not say how its thief's engine overcommits, so the full form is the one a victim can compute;
+    with it a grant to an idle thief never exceeds its offer and every task starts at once."""
     outputs = max_tokens if reserve_output_tokens is None else min(reserve_output_tokens, max_tokens)
     return num_prompt_tokens + outputs
 

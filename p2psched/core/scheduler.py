@@ -33,6 +33,7 @@ from .engine import EngineLimits, EngineOutput, EngineRequest
 from .errors import ProtocolError, RequestRejected
 from .leases import LeaseTable, Verdict
 from .pending import PendingQueue
+from .balance import Balancer, StealPlan
 from .policy import select_grant
 from .protocol import (
     MAX_GRANT_BYTES,
@@ -144,13 +145,19 @@ class Scheduler:
             "free_kv_tokens": self.free_kv_tokens,
         }
 
-    def steal_capacity(self) -> tuple[int, int] | None:
-        """(requests, KV tokens) a steal may ask for now, or None when this node has no room.
-        Victims count tasks against the tokens with ``kv_reservation`` in its full form, and so
-        does ``_reservation`` when a stolen task starts here."""
-        if self.pending or self.free_slots <= 0 or self.free_kv_tokens <= 0:
-            return None
-        return self.free_slots, self.free_kv_tokens
+    def queue_report(self, now: float) -> tuple[int, float]:
+        """(requests a thief could be given, how long the oldest of them has waited; 0 if none)."""
+        return self.pending.num_grantable(), self._waited(self.pending.oldest_grantable(), now)
+
+    def plan_steal(self, balancer: Balancer, now: float) -> StealPlan | None:
+        """The steal this node should send now, if any (``balance.Balancer.plan``)."""
+        limits = self.params.limits
+        return balancer.plan(now, self.free_slots, self.free_kv_tokens, len(self.pending),
+                             self._waited(self.pending.head(), now), limits.max_kv_tokens)
+
+    @staticmethod
+    def _waited(request: Request | None, now: float) -> float:
+        return 0.0 if request is None else max(1e-6, now - request.arrival)
 
     # ---- client side ----
 
@@ -278,11 +285,11 @@ class Scheduler:
         else:
             size = GRANT_OVERHEAD_BYTES
             # select_grant fits every task into the thief's offer at kv_reservation's full form
-            for request in select_grant(self.pending.from_back(), self.pending.total_work, steal.max_requests,
-                                        steal.max_tokens, steal.max_model_len, steal.thief_id):
+            for request in select_grant(self.pending, steal.max_requests, steal.max_tokens, steal.max_model_len,
+                                        steal.thief_id, now - steal.min_waited_s):
                 task = Task(request.request_id, self.params.node_id, self.params.node_name, request.epoch,
                             request.prompt_token_ids, list(request.delivered_token_ids), request.sampling,
-                            request.deadline)
+                            request.deadline, max(0.0, now - request.arrival))
                 try:
                     task_bytes = len(checked_task_frame(task))
                 except ProtocolError as exc:  # cannot happen for a request the HTTP schema accepted
@@ -295,13 +302,16 @@ class Scheduler:
                 size += task_bytes
                 chosen.append((request, task))
             reason = "ok" if chosen else "empty"
+        taken = {request.request_id for request, _ in chosen}
+        left = next((r for r in self.pending if not r.is_pinned and r.request_id not in taken), None)
         grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [task for _, task in chosen],
-                      len(self.pending) - len(chosen), reason)
+                      len(self.pending) - len(chosen), reason, self._waited(left, now))
         try:
             frame = encode(grant)
         except ProtocolError as exc:  # nothing is leased yet: answer empty instead
             log.error("grant for %s not sendable (%s): answering empty", steal.thief_name, exc)
-            grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [], len(self.pending), "empty")
+            grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [], len(self.pending), "empty",
+                          self._waited(self.pending.oldest_grantable(), now))
             return grant, encode(grant)
         for request, _ in chosen:
             self.pending.remove(request)
@@ -342,12 +352,12 @@ class Scheduler:
                 fresh.append(task)
         for reason, tasks in back.items():
             self._hand_back(fx, grant.victim_id, [(t.request_id, t.epoch) for t in tasks], reason)
-        for task in reversed(fresh):  # to the front, in grant order: they start next
-            request = Request(task.request_id, list(task.prompt_token_ids), task.sampling, now, task.deadline,
-                              delivered_token_ids=list(task.delivered_token_ids), epoch=task.epoch,
+        for task in fresh:  # into the queue by how long they have waited (their origin's clock)
+            request = Request(task.request_id, list(task.prompt_token_ids), task.sampling, now - task.waited_s,
+                              task.deadline, delivered_token_ids=list(task.delivered_token_ids), epoch=task.epoch,
                               is_pinned=True, origin_id=task.origin_id)
             self.requests[task.request_id] = request
-            self.pending.push_front(request)
+            self.pending.insert_by_arrival(request)
             heapq.heappush(self._deadlines, (task.deadline, task.request_id))
             self.remote.add(task, now)
         self.stats.stolen_in += len(fresh)
@@ -451,7 +461,7 @@ class Scheduler:
             if item.reason == "cannot_run":
                 request.refused_by.add(msg.thief_id)
             request.transition(State.PENDING)
-            self.pending.push_front(request)
+            self.pending.insert_by_arrival(request)
         return fx.extend(self.admit(now))
 
     # ---- time passes ----

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
+from p2psched import PROTOCOL_VERSION
 from p2psched.cluster import http_json
 from p2psched.core.protocol import (
     MAX_CONTEXT_TOKENS,
@@ -75,7 +76,7 @@ def test_extreme_but_legal_fields_to_a_node_that_is_being_stolen_from(cluster_fa
     """Each row is sent while node1 steals from node0's queue: 200 or 4xx, both nodes stay up,
     and every other request completes with its exact tokens."""
     cluster = cluster_factory(2, ["--sim-decode-step-ms", "2"],
-                              per_node_args=[["--max-num-seqs", "2"], ["--max-num-seqs", "16"]])
+                              per_node_args=[["--max-num-seqs", "2"], ["--max-num-seqs", "4"]])
     origin, thief = cluster.nodes
     background: dict[int, dict[str, Any]] = {}
 
@@ -139,7 +140,7 @@ def test_garbage_node_records_are_skipped_and_every_node_keeps_serving(cluster_f
     topic = cluster.nodes[0].args[cluster.nodes[0].args.index("--scheduler-topic") + 1]
     for record in GARBAGE_RECORDS:
         node_id = record["node_id"]
-        fields = {"name": f"garbage-{node_id[:10]}", "version": "2", "model_id": info["model_id"],
+        fields = {"name": f"garbage-{node_id[:10]}", "version": str(PROTOCOL_VERSION), "model_id": info["model_id"],
                   "http_url": "", "started_at": "0", "updated_at": str(time.time()), "pending": "50", **record}
         client.hset(f"p2psched:{{{topic}.0}}:node:{node_id}", mapping=fields)
         client.zadd(f"p2psched:{{{topic}.0}}:load", {node_id: 50})  # the most loaded peers, on paper

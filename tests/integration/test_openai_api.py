@@ -149,7 +149,9 @@ def test_client_disconnect_frees_slots_and_kv_on_the_node_that_ran_it(cluster_fa
         wait_for(lambda n=n: metric(n.url, "p2psched_running_sequences") == 0
                  and metric(n.url, "p2psched_queue_length") == 0 and metric(n.url, "p2psched_kv_blocks_used") == 0)
     assert origin.stats()["stats"]["cancelled"] == 3
-    assert thief.stats()["stats"]["stolen_in"] == 1 and thief.stats()["engine"]["kv_blocks_free"] == \
+    # The waiting one may be stolen too: the thief's slot frees when the first hang-up reaches it,
+    # and the origin's queue head is as grantable as any (decision 41).
+    assert thief.stats()["stats"]["stolen_in"] in (1, 2) and thief.stats()["engine"]["kv_blocks_free"] == \
         thief.stats()["engine"]["kv_blocks_total"]
 
 

@@ -1,65 +1,68 @@
-import random
-
 from p2psched.core.pending import PendingQueue
-from p2psched.core.policy import PeerLoad, choose_victims, select_grant
+from p2psched.core.policy import select_grant
 from p2psched.core.protocol import Sampling
 from p2psched.core.request import Request
 
 
-def peer(node_id, pending, model="m", tokens=0):
-    return PeerLoad(node_id, node_id, model, f"tcp://x/{node_id}", f"tcp://y/{node_id}", pending, tokens)
+def req(i, prompt=10, max_tokens=10, pinned=False, arrival=0.0):
+    return Request(f"r{i}", [1] * prompt, Sampling(max_tokens=max_tokens, seed=i), arrival, 100.0, is_pinned=pinned)
 
 
-def req(i, prompt=10, max_tokens=10, pinned=False):
-    return Request(f"r{i}", [1] * prompt, Sampling(max_tokens=max_tokens, seed=i), 0.0, 100.0, is_pinned=pinned)
-
-
-def test_victims_are_most_loaded_first_and_filtered():
-    peers = [peer("me", 50), peer("a", 3), peer("b", 9), peer("c", 2), peer("d", 9, model="other"), peer("e", 5)]
-    victims = choose_victims(peers, "me", "m", 3, random.Random(0))
-    assert [p.node_id for p in victims] == ["b", "e", "a"]
-
-
-def test_victim_ties_are_broken_at_random():
-    peers = [peer(n, 4) for n in "abcdef"]
-    firsts = {choose_victims(peers, "me", "m", 1, random.Random(seed))[0].node_id for seed in range(50)}
-    assert len(firsts) > 1
-
-
-def grant(requests, max_requests, max_tokens, max_model_len=100_000, thief_id="thief"):
+def grant(requests, max_requests, max_tokens, max_model_len=100_000, thief_id="thief", arrived_by=1e9):
     queue = PendingQueue()
     for r in requests:
         queue.push_back(r)
-    return select_grant(queue.from_back(), queue.total_work, max_requests, max_tokens, max_model_len, thief_id)
+    return select_grant(queue, max_requests, max_tokens, max_model_len, thief_id, arrived_by)
 
 
-def test_grant_never_takes_the_head_and_stops_near_half():
-    pending = [req(i) for i in range(10)]  # 20 tokens of work each, 200 in all
-    granted = grant(pending, max_requests=100, max_tokens=10_000)
-    assert [r.request_id for r in granted] == ["r9", "r8", "r7", "r6", "r5"]
-    assert pending[0] not in granted
+def ids(requests):
+    return [r.request_id for r in requests]
+
+
+def test_grant_takes_the_oldest_first_head_included():
+    pending = [req(i, arrival=float(i)) for i in range(10)]
+    assert ids(grant(pending, max_requests=3, max_tokens=10_000)) == ["r0", "r1", "r2"]
+
+
+def test_grant_gives_only_requests_that_waited_as_long_as_the_thief_asks():
+    pending = [req(i, arrival=float(i)) for i in range(10)]
+    assert ids(grant(pending, max_requests=100, max_tokens=10_000, arrived_by=4.5)) == ["r0", "r1", "r2", "r3", "r4"]
+    assert grant(pending, max_requests=100, max_tokens=10_000, arrived_by=-1.0) == []
 
 
 def test_grant_respects_thief_capacity_and_pins():
     pending = [req(0), req(1), req(2, pinned=True), req(3, prompt=500), req(4)]
-    granted = grant(pending, max_requests=2, max_tokens=100)
-    assert [r.request_id for r in granted] == ["r4", "r1"]
+    assert ids(grant(pending, max_requests=2, max_tokens=100)) == ["r0", "r1"]
+    assert ids(grant(pending, max_requests=5, max_tokens=100)) == ["r0", "r1", "r4"]  # r3 is too big, r2 pinned
+    assert ids(grant(pending, max_requests=5, max_tokens=25)) == ["r0"]
     assert grant(pending, max_requests=1, max_tokens=5) == []
 
 
-def test_grant_from_one_request_queue_is_empty():
-    assert grant([req(0)], 10, 10_000) == []
-    assert [r.request_id for r in grant([req(0), req(1, prompt=1000)], 10, 10_000)] == ["r1"]
+def test_a_pinned_request_at_the_front_neither_goes_nor_stops_the_others():
+    resumed = req(9, arrival=50.0, pinned=True)  # a resumed request goes first whatever its age
+    assert ids(grant([resumed, req(0, arrival=1.0), req(1, arrival=2.0)], 5, 10_000, arrived_by=10.0)) == ["r0", "r1"]
 
 
-def test_pending_queue_keeps_order_and_work_total():
+def test_a_request_the_thief_handed_back_is_not_offered_to_it_again():
+    refused = req(0)
+    refused.refused_by.add("thief")
+    assert ids(grant([refused, req(1)], 5, 10_000)) == ["r1"]
+    assert ids(grant([refused, req(1)], 5, 10_000, thief_id="other")) == ["r0", "r1"]
+
+
+def test_pending_queue_keeps_arrival_order_and_work_total():
     queue = PendingQueue()
-    a, b, c = req(0), req(1, prompt=30), req(2)
+    a, b, c = req(0, arrival=1.0), req(1, prompt=30, arrival=3.0), req(2, arrival=9.0, pinned=True)
     queue.push_back(a)
     queue.push_back(b)
-    queue.push_front(c)
-    assert [r.request_id for r in queue] == ["r2", "r0", "r1"]
+    queue.push_front(c)  # resumed: next, whatever its age
+    assert ids(queue) == ["r2", "r0", "r1"]
     assert queue.total_work == 20 + 40 + 20
-    assert [r.request_id for r in queue.from_back()] == ["r1", "r0"]
+    stolen = req(3, arrival=2.0)  # waited since 2.0 at its origin: between r0 and r1
+    queue.insert_by_arrival(stolen)
+    assert ids(queue) == ["r2", "r0", "r3", "r1"]
+    queue.insert_by_arrival(req(4, arrival=3.0))  # a tie goes after those already here
+    assert ids(queue) == ["r2", "r0", "r3", "r1", "r4"]
+    assert queue.oldest_grantable() is a and queue.num_grantable() == 4
     queue.remove(a)
-    assert queue.pop_front() is c and queue.head() is b and queue.total_work == 40
+    assert queue.pop_front() is c and queue.head() is stolen and queue.total_work == 20 + 40 + 20

@@ -6,9 +6,12 @@ through encode/decode), each with a simulated engine stepped synchronously.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from p2psched import PROTOCOL_VERSION
+from p2psched.core.balance import Balancer, StealPlan
 from p2psched.core.config import SimEngineConfig
 from p2psched.core.engine import EngineLimits
 from p2psched.core.errors import RequestRejected
@@ -136,12 +139,12 @@ def test_stolen_requests_stream_back_exactly_once():
     pair = Pair()
     ids = [submit(pair.origin, i, 5) for i in range(6)]
     grant = pair.steal(max_requests=2)
-    assert [t.request_id for t in grant.tasks] == ["req-5", "req-4"]
-    assert pair.origin.sched.requests["req-5"].state is State.LEASED
+    assert [t.request_id for t in grant.tasks] == ["req-2", "req-3"]  # the oldest waiting (0 and 1 run)
+    assert pair.origin.sched.requests["req-2"].state is State.LEASED
     pair.run(40)
     for i, rid in enumerate(ids):
         assert pair.origin.tokens_of(rid) == expected(i, 5), rid
-    assert {pair.origin.client[r][-1].served_by for r in ("req-4", "req-5")} == {"thief-name"}
+    assert {pair.origin.client[r][-1].served_by for r in ("req-2", "req-3")} == {"thief-name"}
     assert not pair.thief.sched.remote and not pair.thief.sched.requests  # finals acknowledged
     assert pair.origin.sched.stats.completed == 6
 
@@ -150,7 +153,7 @@ def test_silent_thief_is_fenced_and_the_origin_resumes_where_the_stream_stopped(
     pair = Pair()
     ids = [submit(pair.origin, i, 30) for i in range(4)]
     pair.steal(max_requests=1)
-    stolen = "req-3"
+    stolen = "req-2"
     pair.run(5)
     delivered = len(pair.origin.tokens_of(stolen))
     assert 0 < delivered < 30
@@ -165,8 +168,8 @@ def test_tokens_from_a_fenced_epoch_are_dropped_and_cancelled():
     pair = Pair()
     for i in range(4):
         submit(pair.origin, i, 50)
-    assert [t.request_id for t in pair.steal(max_requests=1).tasks] == ["req-3"]
-    stale = Tokens(PROTOCOL_VERSION, "thief", "thief-name", [TokenItem("req-3", 7, 0, [1])])
+    assert [t.request_id for t in pair.steal(max_requests=1).tasks] == ["req-2"]
+    stale = Tokens(PROTOCOL_VERSION, "thief", "thief-name", [TokenItem("req-2", 7, 0, [1])])
     fx = pair.origin.sched.on_tokens(stale, 0.0)
     assert pair.origin.sched.stats.stale_items == 1
     assert fx.client == []
@@ -177,10 +180,10 @@ def test_a_gap_in_the_stream_takes_the_request_back():
     pair = Pair()
     for i in range(4):
         submit(pair.origin, i, 10)
-    assert [t.request_id for t in pair.steal(max_requests=1).tasks] == ["req-3"]
-    gap = Tokens(PROTOCOL_VERSION, "thief", "thief-name", [TokenItem("req-3", 0, 3, [1])])
+    assert [t.request_id for t in pair.steal(max_requests=1).tasks] == ["req-2"]
+    gap = Tokens(PROTOCOL_VERSION, "thief", "thief-name", [TokenItem("req-2", 0, 3, [1])])
     pair.origin.apply(pair.origin.sched.on_tokens(gap, 0.0))
-    request = pair.origin.sched.requests["req-3"]
+    request = pair.origin.sched.requests["req-2"]
     assert request.state is State.PENDING and request.epoch == 1 and request.is_pinned
     assert pair.origin.sched.stats.stream_gaps == 1
 
@@ -189,14 +192,14 @@ def test_cancel_of_a_leased_request_reaches_the_thief_and_frees_it():
     pair = Pair()
     for i in range(4):
         submit(pair.origin, i, 100)
-    assert [t.request_id for t in pair.steal(max_requests=1).tasks] == ["req-3"]
+    assert [t.request_id for t in pair.steal(max_requests=1).tasks] == ["req-2"]
     pair.run(2)
-    assert "req-3" in pair.thief.sched.running
-    pair.origin.apply(pair.origin.sched.cancel("req-3", pair.now))
+    assert "req-2" in pair.thief.sched.running
+    pair.origin.apply(pair.origin.sched.cancel("req-2", pair.now))
     pair.deliver()
-    assert "req-3" not in pair.thief.sched.requests and not pair.thief.sched.running
+    assert "req-2" not in pair.thief.sched.requests and not pair.thief.sched.running
     assert not pair.thief.engine.has_work()
-    assert pair.origin.client["req-3"][-1].error == "cancelled"
+    assert pair.origin.client["req-2"][-1].error == "cancelled"
 
 
 def test_a_thief_whose_engine_dies_hands_its_stolen_tasks_back_and_the_origin_resumes_them():
@@ -260,14 +263,20 @@ def test_full_queue_is_rejected_with_503():
     assert info.value.status == 503
 
 
-def test_steal_capacity_only_when_idle():
+def test_what_a_node_asks_for_depends_on_its_slots_and_its_queue():
     side = Side("solo")
-    assert side.sched.steal_capacity() == (2, 10_000)
+    balancer = Balancer("solo", random.Random(0))
+    balancer.set_members(["peer"])
+    balancer.heard("peer", grantable=9, oldest_waited_s=1.0, now=0.0)
+    assert side.sched.plan_steal(balancer, 0.0) == StealPlan("peer", 2, 10_000, 0.0)  # idle: anything, 2 slots
     submit(side, 0, 10)
-    assert side.sched.steal_capacity() == (1, 10_000 - 13)
+    assert side.sched.plan_steal(balancer, 0.0) == StealPlan("peer", 1, 10_000 - 13, 0.0)
     submit(side, 1, 10)
-    submit(side, 2, 10)
-    assert side.sched.steal_capacity() is None
+    assert side.sched.plan_steal(balancer, 0.0) is None  # full, nothing queued: nothing to gain
+    submit(side, 2, 10)  # queued since 0.0: at 0.5 s only older work is worth taking, one at a time
+    assert side.sched.plan_steal(balancer, 0.5) == StealPlan("peer", 1, 10_000, pytest.approx(0.5 + 0.1))
+    balancer.heard("peer", grantable=9, oldest_waited_s=1.55, now=1.5)
+    assert side.sched.plan_steal(balancer, 1.5) is None  # its oldest is not 0.1 s older than ours (1.5 s)
 
 
 def test_model_mismatch_and_draining_give_empty_grants():

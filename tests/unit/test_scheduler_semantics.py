@@ -10,7 +10,6 @@ import msgspec
 
 from p2psched import PROTOCOL_VERSION
 from p2psched.core.engine import EngineLimits
-from p2psched.core.policy import PeerLoad, StealBackoff
 from p2psched.core.protocol import (
     MAX_FRAME_BYTES,
     Grant,
@@ -38,15 +37,15 @@ def test_a_task_the_wire_would_refuse_is_never_leased():
     """A request whose fields a peer's decoder refuses (here built around the HTTP schema) stays
     home, pinned; the rest of the grant goes out whole and only what went out is leased."""
     side = Side("victim")
-    for i in range(6):  # two run; req-2 is the head of the queue, never granted
+    for i in range(6):  # two run; req-2 .. req-5 wait, oldest first
         submit(side, i, 10)
-    side.sched.requests["req-5"].sampling = Sampling(max_tokens=10, seed=5, top_k=1 << 40)
-    side.sched.requests["req-4"].sampling = Sampling(max_tokens=10, seed=4, top_k=1 << 64)  # not even encodable
-    assert steal_from(side).tasks == []  # the policy picked the two bad ones: pinned, nothing leased
+    side.sched.requests["req-2"].sampling = Sampling(max_tokens=10, seed=2, top_k=1 << 40)
+    side.sched.requests["req-3"].sampling = Sampling(max_tokens=10, seed=3, top_k=1 << 64)  # not even encodable
+    assert steal_from(side, max_requests=2).tasks == []  # the policy picked the two bad ones: pinned, none leased
     assert side.sched.stats.unsendable == 2 and len(side.sched.leases) == 0
     grant = steal_from(side)
-    assert [t.request_id for t in grant.tasks] == ["req-3"] and len(side.sched.leases) == 1
-    assert side.sched.requests["req-5"].is_pinned and side.sched.requests["req-5"].state is State.PENDING
+    assert [t.request_id for t in grant.tasks] == ["req-4", "req-5"] and len(side.sched.leases) == 2
+    assert side.sched.requests["req-2"].is_pinned and side.sched.requests["req-2"].state is State.PENDING
 
 
 def test_grants_stop_at_the_byte_cap_and_lease_only_what_they_carry():
@@ -98,17 +97,17 @@ def test_a_stolen_request_that_started_has_no_deadline():
     """--scheduler-ttl bounds waiting: a stolen request streaming past the TTL is not failed
     (the thief's heartbeat at admission told the origin it started)."""
     pair = Pair()
-    ids = [submit(pair.origin, i, 20 if i < 3 else 500) for i in range(4)]
-    pair.steal(max_requests=1)
-    assert "req-3" in pair.thief.sched.running
+    ids = [submit(pair.origin, i, 500 if i == 2 else 20) for i in range(4)]
+    pair.steal(max_requests=1)  # req-2, the oldest waiting
+    assert "req-2" in pair.thief.sched.running
     pair.deliver()  # the admission heartbeat
-    assert pair.origin.sched.requests["req-3"].has_started
+    assert pair.origin.sched.requests["req-2"].has_started
     pair.now = 29.0
     pair.run(200)  # well past ttl=30 s
     assert pair.origin.sched.stats.failed == 0
     pair.run(400)
     for i, rid in enumerate(ids):
-        assert pair.origin.tokens_of(rid) == expected(i, 20 if i < 3 else 500), rid
+        assert pair.origin.tokens_of(rid) == expected(i, 500 if i == 2 else 20), rid
 
 
 def test_a_request_that_never_started_fails_at_its_deadline_wherever_it_waits():
@@ -174,22 +173,6 @@ def test_handbacks_from_a_node_that_does_not_hold_the_lease_are_ignored():
     forged = Handback(PROTOCOL_VERSION, "someone-else", [HandbackItem(rid, 0, "expired")])
     pair.origin.apply(pair.origin.sched.on_handback(forged, 0.0))
     assert pair.origin.sched.requests[rid].state is State.LEASED and rid not in pair.origin.client
-
-
-def test_steal_backoff_doubles_and_resets_on_news():
-    backoff = StealBackoff(base=0.1, cap=1.0)
-    peer = PeerLoad("v", "v", "m", "tcp://a:1", "tcp://a:2", pending=5)
-    assert backoff.is_ready(peer, 0.0)
-    now = 0.0
-    for wait in (0.1, 0.2, 0.4, 0.8, 1.0, 1.0):
-        backoff.fruitless(peer, now, 5)
-        assert not backoff.is_ready(peer, now + wait - 1e-6) and backoff.is_ready(peer, now + wait)
-        now += wait
-    backoff.fruitless(peer, now, 5)
-    assert not backoff.is_ready(peer, now) and backoff.is_ready(dataclasses.replace(peer, pending=4), now)
-    backoff.fruitless(peer, now, 5)
-    backoff.granted(peer)
-    assert backoff.is_ready(peer, now)
 
 
 def test_engine_limits_refuse_what_the_engine_cannot_run():

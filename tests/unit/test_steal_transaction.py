@@ -9,6 +9,7 @@ import random
 import pytest
 
 from p2psched import PROTOCOL_VERSION
+from p2psched.core.balance import Balancer
 from p2psched.core.engine import EngineLimits
 from p2psched.core.errors import IllegalTransition
 from p2psched.core.protocol import Cancel, Grant, Sampling, Steal, Task, decode
@@ -182,10 +183,13 @@ def test_the_victim_fits_what_the_thief_books(seed: int):
     thief.admit(0.0)
     for i in range(30):
         victim.submit(f"v-{i}", [1] * rng.randint(1, 500), Sampling(max_tokens=rng.randint(1, 3000), seed=i), 0.0)
-    capacity = thief.steal_capacity()
-    assert capacity is not None
-    max_requests, offer = capacity
-    steal = Steal(PROTOCOL_VERSION, "s1", "victim", "thief", "thief", "model", max_requests, offer, 4_000)
+    balancer = Balancer("thief", rng)
+    balancer.set_members(["victim"])
+    balancer.heard("victim", grantable=30, oldest_waited_s=1.0, now=0.0)
+    plan = thief.plan_steal(balancer, 0.0)
+    assert plan is not None and plan.min_waited_s == 0.0  # an idle thief: its free slots and KV
+    offer = plan.max_tokens
+    steal = Steal(PROTOCOL_VERSION, "s1", "victim", "thief", "thief", "model", plan.max_requests, offer, 4_000)
     sent, frame = victim.on_steal(steal, 0.0)
     granted = decode(frame)
     assert isinstance(granted, Grant) and granted == sent
@@ -205,10 +209,10 @@ def test_a_long_task_fits_a_thief_only_when_its_full_reservation_does():
     its own requests; a task over the offer stays with the victim."""
     victim = node("victim", EngineLimits(max_num_seqs=1, max_kv_tokens=100_000, max_model_len=4_000,
                                          vocab_size=1000))
-    for i, max_tokens in enumerate((10, 3000, 3000)):  # the head (i=0) is never granted
-        victim.submit(f"v-{i}", [1] * 100, Sampling(max_tokens=max_tokens, seed=i), 0.0)
+    for i in range(2):
+        victim.submit(f"v-{i}", [1] * 100, Sampling(max_tokens=3000, seed=i), 0.0)
     small = Steal(PROTOCOL_VERSION, "s1", "victim", "thief", "thief", "model", 4, 3_099, 4_000)
     assert victim.on_steal(small, 0.0)[0].tasks == []
     enough = Steal(PROTOCOL_VERSION, "s2", "victim", "thief", "thief", "model", 4, 3_100, 4_000)
-    assert [t.request_id for t in victim.on_steal(enough, 0.0)[0].tasks] == ["v-2"]
+    assert [t.request_id for t in victim.on_steal(enough, 0.0)[0].tasks] == ["v-0"]  # the offer holds one
 
