@@ -83,6 +83,11 @@ class SimEngine:
         cost_s = self.step_cost_s()
         if cost_s > 0:
             time.sleep(cost_s)
+        return self.advance()
+
+    def advance(self) -> StepResult:
+        """One step's outputs without its cost (a simulator on a virtual clock charges
+        ``step_cost_s()`` itself)."""
         outputs = []
         for seq in list(self._seqs.values()):
             seq.is_prefilled = True

@@ -1,0 +1,492 @@
+"""A discrete-event simulator of a cluster, driving the project's own core on a virtual clock.
+
+Each simulated node holds a real ``Scheduler`` (queues, admission, leases, grants, token
+streams, resume), a real ``Balancer`` (whom to steal from, and what) and a real ``SimEngine``
+whose steps are charged their cost model's time instead of sleeping. What the node process does
+around them is mirrored here: the engine takes adds and aborts between steps; messages between
+nodes go through a simulated network (one-way latency, optional loss; as objects: the wire
+format is tested elsewhere); every heartbeat a node writes its record and reads who the members
+are; while it could steal (a free slot, or a queue of its own) it probes a few random peers
+every probe interval; its stealer wakes on every report, grant and step and sends one steal at
+a time while the balancer names a peer with older work; a ticker runs the scheduler's timers.
+The timing constants are the node's own (``p2psched.node``).
+
+Modes, all on the same items:
+
+- ``local``: no stealing; each node serves what the front door gave it.
+- ``global``: p2psched's work stealing, as the node does it.
+- ``oracle``: one central queue that hands each request, in arrival order, to a node the moment
+  one has a free slot (late binding, no network): the bar for waiting time.
+
+Hundreds of nodes and thousands of requests run in seconds (``python -m bench.balance.simulate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import heapq
+import itertools
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from p2psched import PROTOCOL_VERSION
+from p2psched.core.config import SimEngineConfig
+from p2psched.core.engine import EngineRequest
+from p2psched.core.balance import Balancer
+from p2psched.core.protocol import (
+    MAX_COUNT,
+    MAX_TASKS_PER_GRANT,
+    Ack,
+    Cancel,
+    Grant,
+    Handback,
+    Heartbeat,
+    HeartbeatAck,
+    Message,
+    Sampling,
+    Steal,
+    Tokens,
+)
+from p2psched.core.scheduler import Effects, Scheduler, SchedulerParams
+from p2psched.node import PROBE_INTERVAL_S, TICK_S
+from p2psched.sim_engine import SimEngine
+
+from .metrics import RequestRecord, summarize
+from .workload import Item, WorkloadSpec, generate, prompt_ids, sim_capacity_rps
+
+Mode = Literal["local", "global", "oracle"]
+MODES: tuple[Mode, ...] = ("local", "global", "oracle")
+MODEL = "sim"
+WARM_UP_S = 2.0  # nodes run (registered, peers known) this long before the first request
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    nodes: int = 4
+    max_num_seqs: int = 8
+    cost: SimEngineConfig = SimEngineConfig(decode_step_ms=20.0, decode_ms_per_seq=0.0, decode_ms_per_kilotoken=0.0,
+                                            prefill_ms_per_token=0.0, kv_tokens=1 << 20, max_model_len=8192)
+    slowdowns: tuple[float, ...] = ()  # per node: its steps take this many times longer (default 1)
+    latency_s: float = 0.0005  # one way, node to node
+    loss: float = 0.0  # share of node-to-node messages lost
+    redis_latency_s: float = 0.0005  # one way
+    min_load_score: int = 1
+    heartbeat_interval: float = 1.0
+    steal_timeout: float = 0.25
+    margin_s: float = 0.1  # a busy node steals requests older than its own oldest by this much
+    fanout: int = 3  # peers probed per probe round
+    lease_timeout: float = 3.0
+    ttl: float = 900.0
+    seed: int = 0
+
+    def slowdown(self, n: int) -> float:
+        return self.slowdowns[n] if n < len(self.slowdowns) else 1.0
+
+
+class Loop:
+    """The virtual clock: callbacks in time order (ties in the order they were scheduled)."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+
+    def at(self, when: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (when, next(self._order), callback))
+
+    def after(self, delay: float, callback: Callable[[], None]) -> None:
+        self.at(self.now + delay, callback)
+
+    def run(self, until: Callable[[], bool], horizon: float) -> None:
+        while self._queue and not until():
+            when, _, callback = heapq.heappop(self._queue)
+            if when > horizon:
+                break
+            self.now = when
+            callback()
+
+
+@dataclass
+class Counters:
+    redis_commands: int = 0
+    steals: int = 0
+    steals_granted: int = 0
+    tasks_stolen: int = 0
+    probes: int = 0
+    messages: int = 0
+    messages_lost: int = 0
+    steal_round_trips: list[float] = field(default_factory=list)
+
+
+class SimNode:
+    """One node: its scheduler and engine, and the loops of ``p2psched.node`` around them."""
+
+    def __init__(self, cluster: SimCluster, index: int):
+        spec = cluster.spec
+        self.cluster = cluster
+        self.loop = cluster.loop
+        self.index = index
+        self.node_id = f"node{index}"
+        self.engine = SimEngine(spec.cost, spec.max_num_seqs)
+        limits = self.engine.limits
+        self.sched = Scheduler(SchedulerParams(self.node_id, self.node_id, MODEL, limits, spec.ttl,
+                                               spec.lease_timeout, max_queue_len=1 << 30))
+        self.slowdown = spec.slowdown(index)
+        self.inbox: list[EngineRequest | str] = []  # adds and aborts for the engine's next step
+        self.is_stepping = False
+        self.busy_s = 0.0
+        self.steps: list[tuple[float, float, int]] = []  # (start, end, batch) for timelines
+        # stealing (global mode)
+        self.balancer = Balancer(self.node_id, random.Random(spec.seed * 1000 + index), margin_s=spec.margin_s,
+                                 fanout=spec.fanout, min_queue=spec.min_load_score)
+        self.known: set[str] = set()
+        self.in_round = False
+        self.round_scheduled = False
+
+    # ---- engine ----
+
+    def apply(self, fx: Effects) -> None:
+        cluster = self.cluster
+        for event in fx.client:
+            cluster.on_client_event(self, event)
+        if fx.engine_add or fx.engine_abort:
+            self.inbox += fx.engine_add
+            self.inbox += fx.engine_abort
+            self._kick()
+        for dest, message in fx.to_origin:
+            cluster.send(self, dest, message)
+        for dest, message in fx.to_thief:
+            cluster.send(self, dest, message)
+        if cluster.is_stealing:
+            self.wake_stealer()
+
+    def _kick(self) -> None:
+        if not self.is_stepping:
+            self.is_stepping = True
+            self.loop.after(0.0, self._start_step)
+
+    def _start_step(self) -> None:
+        for op in self.inbox:
+            if isinstance(op, str):
+                self.engine.abort(op)
+            else:
+                self.engine.add(op)
+        self.inbox = []
+        if not self.engine.has_work():
+            self.is_stepping = False
+            return
+        cost = self.engine.step_cost_s() * self.slowdown
+        batch = self.engine.stats().running
+        start = self.loop.now
+        self.loop.after(cost, lambda: self._end_step(start, cost, batch))
+
+    def _end_step(self, start: float, cost: float, batch: int) -> None:
+        result = self.engine.advance()
+        self.busy_s += cost
+        self.steps.append((start, self.loop.now, batch))
+        self.apply(self.sched.on_engine_outputs(result.outputs, cost, self.loop.now))
+        self.cluster.after_step(self)
+        self._start_step()
+
+    # ---- ticker ----
+
+    def tick(self) -> None:
+        self.apply(self.sched.tick(self.loop.now))
+        self.loop.after(TICK_S, self.tick)
+
+
+
+    # ---- registry: membership only ----
+
+    def heartbeat_loop(self) -> None:
+        """Every heartbeat: write our record (one command), read the member list (one), and the
+        records of members not seen before (one each), as ``Registry`` does."""
+        cluster = self.cluster
+        cluster.registry.add(self.node_id)
+        members = set(cluster.registry)
+        if self.loop.now >= 0:  # commands while serving; each node's first read of the table is at start
+            cluster.counters.redis_commands += 2 + len(members - self.known - {self.node_id})
+        self.known |= members
+
+        def done() -> None:
+            self.balancer.set_members(self.known)
+            self.wake_stealer()
+
+        self.loop.after(2 * cluster.spec.redis_latency_s, done)
+        self.loop.after(cluster.spec.heartbeat_interval, self.heartbeat_loop)
+
+    # ---- probes: what the peers' queues look like ----
+
+    def probe_loop(self) -> None:
+        """As the node: only a node that could steal (a free slot, or a queue) asks."""
+        cluster = self.cluster
+        if self.sched.free_slots > 0 or self.sched.pending:
+            for peer_id in self.balancer.probe_targets():
+                cluster.probe(self, cluster.nodes[peer_id])
+        self.loop.after(PROBE_INTERVAL_S, self.probe_loop)
+
+    def heard(self, node_id: str, grantable: int, oldest_waited_s: float) -> None:
+        self.balancer.heard(node_id, grantable, oldest_waited_s, self.loop.now)
+        self.wake_stealer()
+
+    # ---- stealer ----
+
+    def wake_stealer(self) -> None:
+        if not self.in_round and not self.round_scheduled:
+            self.round_scheduled = True
+            self.loop.after(0.0, self._round)
+
+    def _round(self) -> None:
+        self.round_scheduled = False
+        if self.in_round:
+            return
+        plan = self.sched.plan_steal(self.balancer, self.loop.now)
+        if plan is None:
+            return
+        self.in_round = True
+        cluster = self.cluster
+        steal = Steal(PROTOCOL_VERSION, f"{self.node_id}-{next(cluster.ids)}", plan.victim_id, self.node_id,
+                      self.node_id, MODEL, min(plan.max_requests, MAX_TASKS_PER_GRANT),
+                      min(plan.max_tokens, MAX_COUNT), self.engine.limits.max_model_len, plan.min_waited_s)
+        cluster.counters.steals += 1
+        sent_at = self.loop.now
+        answered = [False]
+
+        def on_grant(grant: Grant) -> None:
+            if answered[0]:
+                if grant.tasks:  # late: the victim leased them to us; take them, as the node does
+                    self.apply(self.sched.on_grant(grant, self.loop.now))
+                return
+            answered[0] = True
+            cluster.counters.steal_round_trips.append(self.loop.now - sent_at)
+            self.balancer.heard(plan.victim_id, grant.victim_pending, grant.victim_oldest_waited_s, self.loop.now)
+            self.balancer.granted(plan.victim_id, fruitless=not grant.tasks, now=self.loop.now)
+            if grant.tasks:
+                cluster.counters.steals_granted += 1
+                cluster.counters.tasks_stolen += len(grant.tasks)
+                self.apply(self.sched.on_grant(grant, self.loop.now))
+            self.in_round = False
+            self.wake_stealer()
+
+        def on_timeout() -> None:
+            if not answered[0]:
+                answered[0] = True
+                self.balancer.lost(plan.victim_id)
+                self.in_round = False
+                self.wake_stealer()
+
+        cluster.rpc(self, cluster.nodes[plan.victim_id], steal, on_grant)
+        self.loop.after(cluster.spec.steal_timeout, on_timeout)
+
+
+class SimCluster:
+    def __init__(self, spec: ClusterSpec, mode: Mode, items: list[Item]):
+        self.spec = spec
+        self.mode = mode
+        self.loop = Loop(-WARM_UP_S)
+        self.counters = Counters()
+        self.rng = random.Random(spec.seed)
+        self.ids = itertools.count()
+        self.registry: set[str] = set()
+        self.node_list = [SimNode(self, n) for n in range(spec.nodes)]
+        self.nodes = {node.node_id: node for node in self.node_list}
+        self.items = items
+        self.records = {item.index: RequestRecord(item.index, item.arrival_s, f"node{item.node}") for item in items}
+        self.finished = 0
+        self.central: list[Item] = []  # oracle's queue (arrival order)
+        self._central_head = 0
+
+    @property
+    def is_stealing(self) -> bool:
+        return self.mode == "global"
+
+    # ---- network ----
+
+    def send(self, src: SimNode, dest_id: str, message: Message) -> None:
+        dest = self.nodes.get(dest_id)
+        if dest is None:
+            return
+        self.counters.messages += 1
+        if self.spec.loss and self.rng.random() < self.spec.loss:
+            self.counters.messages_lost += 1
+            return
+        self.loop.after(self.spec.latency_s, lambda: self._deliver(dest, message))
+
+    def _deliver(self, dest: SimNode, message: Message) -> None:
+        sched, now = dest.sched, self.loop.now
+        if isinstance(message, Tokens):
+            dest.apply(sched.on_tokens(message, now))
+        elif isinstance(message, Heartbeat):
+            dest.apply(sched.on_heartbeat(message, now))
+        elif isinstance(message, Handback):
+            dest.apply(sched.on_handback(message, now))
+        elif isinstance(message, HeartbeatAck):
+            dest.apply(sched.on_heartbeat_ack(message, now))
+        elif isinstance(message, Cancel):
+            dest.apply(sched.on_cancel(message, now))
+        elif isinstance(message, Ack):
+            sched.on_ack(message, now)
+
+    def rpc(self, thief: SimNode, victim: SimNode, steal: Steal, on_grant: Callable[[Grant], None]) -> None:
+        lost = self.spec.loss and self.rng.random() < self.spec.loss
+        self.counters.messages += 1
+        if lost:
+            self.counters.messages_lost += 1
+            return
+
+        def at_victim() -> None:
+            grant, _ = victim.sched.on_steal(steal, self.loop.now)
+            if grant.tasks:
+                victim.apply(Effects())  # its queue shrank: publish, as the node does after a grant
+            self.counters.messages += 1
+            if self.spec.loss and self.rng.random() < self.spec.loss:
+                self.counters.messages_lost += 1
+                return
+            self.loop.after(self.spec.latency_s, lambda: on_grant(grant))
+
+        self.loop.after(self.spec.latency_s, at_victim)
+
+    def probe(self, src: SimNode, dest: SimNode) -> None:
+        """Probe -> LoadReport, one round trip; a lost one says nothing (the view ages out)."""
+        self.counters.probes += 1
+        for _ in range(2):
+            self.counters.messages += 1
+            if self.spec.loss and self.rng.random() < self.spec.loss:
+                self.counters.messages_lost += 1
+                return
+
+        def at_dest() -> None:
+            grantable, waited = dest.sched.queue_report(self.loop.now)
+            self.loop.after(self.spec.latency_s, lambda: src.heard(dest.node_id, grantable, waited))
+
+        self.loop.after(self.spec.latency_s, at_dest)
+
+    # ---- clients ----
+
+    def arrive(self, item: Item) -> None:
+        if self.mode == "oracle":
+            self.central.append(item)
+            self.dispatch()
+            return
+        node = self.node_list[item.node]
+        self._submit(node, item)
+
+    def _submit(self, node: SimNode, item: Item) -> None:
+        self.records[item.index].origin = node.node_id
+        node.sched.submit(str(item.index), prompt_ids(item, self.spec.cost.vocab_size),
+                          Sampling(max_tokens=item.max_tokens, seed=item.seed), self.loop.now)
+        node.apply(node.sched.admit(self.loop.now))
+
+    def dispatch(self) -> None:
+        """Oracle: the queue's head to any node with a free slot, until none has one."""
+        while self._central_head < len(self.central):
+            free = [n for n in self.node_list if n.sched.free_slots > 0 and not n.sched.pending]
+            if not free:
+                return
+            node = max(free, key=lambda n: (n.sched.free_slots, -n.index))
+            item = self.central[self._central_head]
+            self._central_head += 1
+            self._submit(node, item)
+
+    def after_step(self, node: SimNode) -> None:
+        if self.mode == "oracle":
+            self.dispatch()
+
+    def on_client_event(self, node: SimNode, event: Any) -> None:
+        record = self.records[int(event.request_id)]
+        if event.token_ids:
+            record.token_times.append(self.loop.now)
+            record.num_tokens += len(event.token_ids)
+        if event.served_by:
+            record.served_by = event.served_by
+        if event.error is not None:
+            record.error = event.error
+            self.finished += 1
+        elif event.finish_reason is not None:
+            record.finish_s = self.loop.now
+            self.finished += 1
+
+    # ---- run ----
+
+    def run(self, horizon: float | None = None) -> list[RequestRecord]:
+        spec = self.spec
+        for item in self.items:
+            self.loop.at(item.arrival_s, lambda item=item: self.arrive(item))  # type: ignore[misc]
+        for node in self.node_list:
+            offset = node.index * TICK_S / max(1, spec.nodes) - WARM_UP_S  # out of phase, as real nodes are
+            self.loop.at(offset, node.tick)
+            if self.is_stealing:
+                self.loop.at(offset, node.heartbeat_loop)
+                self.loop.at(offset + PROBE_INTERVAL_S / 2, node.probe_loop)
+        last = self.items[-1].arrival_s if self.items else 0.0
+        self.loop.run(lambda: self.finished >= len(self.items), horizon if horizon is not None else last + 3600.0)
+        return [self.records[item.index] for item in self.items]
+
+
+@dataclass
+class RunResult:
+    mode: Mode
+    records: list[RequestRecord]
+    summary: dict[str, Any]
+    busy_fraction: dict[str, float]
+    counters: Counters
+    wall_s: float
+
+
+def simulate(spec: ClusterSpec, mode: Mode, items: list[Item]) -> RunResult:
+    started = time.perf_counter()
+    cluster = SimCluster(spec, mode, items)
+    records = cluster.run()
+    summary = summarize(records)
+    makespan = max(summary["makespan_s"], 1e-9)
+    busy = {node.node_id: node.busy_s / makespan for node in cluster.node_list}
+    duration = max((r.finish_s or 0.0) for r in records) if records else 0.0
+    summary["redis_commands_per_s_per_node"] = cluster.counters.redis_commands / max(duration, 1e-9) / spec.nodes
+    summary["steals"] = cluster.counters.steals
+    summary["tasks_stolen"] = cluster.counters.tasks_stolen
+    return RunResult(mode, records, summary, busy, cluster.counters, time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.balance.simulate",
+                                description="Simulate local, global and oracle scheduling on the same workload.")
+    p.add_argument("--nodes", type=int, nargs="+", default=[4])
+    p.add_argument("--load", type=float, default=0.9, help="arrival rate as a fraction of the cluster's capacity")
+    p.add_argument("--requests-per-node", type=int, default=75)
+    p.add_argument("--arrival", choices=["poisson", "gamma", "steady"], default="poisson")
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--decode-step-ms", type=float, default=20.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--json", default="", help="write the summaries here")
+    args = p.parse_args(argv)
+    out: list[dict[str, Any]] = []
+    for n in args.nodes:
+        spec = ClusterSpec(nodes=n, max_num_seqs=args.max_num_seqs,
+                           cost=dataclasses.replace(ClusterSpec().cost, decode_step_ms=args.decode_step_ms),
+                           seed=args.seed)
+        work = WorkloadSpec(num_requests=args.requests_per_node * n, arrival=args.arrival, seed=args.seed)
+        capacity = sim_capacity_rps(spec.cost, spec.max_num_seqs, work, n)
+        items = generate(work.at_rate(args.load * capacity), n)
+        for mode in args.modes:
+            result = simulate(spec, mode, items)
+            s = result.summary
+            print(f"{n:4d} nodes {mode:7s} ttft p50 {s['ttft']['p50']:.3f} p99 {s['ttft']['p99']:.3f}  "
+                  f"e2el mean {s['e2el']['mean']:.3f} p99 {s['e2el']['p99']:.3f}  steals {s['steals']} "
+                  f"stolen {s['tasks_stolen']}  redis/s/node {s['redis_commands_per_s_per_node']:.1f}  "
+                  f"({result.wall_s:.1f} s)", file=sys.stderr)
+            out.append({"nodes": n, "mode": mode, "load": args.load, **s})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
