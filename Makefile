@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install install-runtime test unit integration typecheck demo bench chaos gpu-check clean
+.PHONY: install install-runtime test unit integration typecheck demo bench bench-micro chaos gpu-check clean
 
 # pyproject keeps a torch range; here we pin the CPU build that lies on this kind of machine, so
 # an unpinned install never pulls a multi-GB CUDA build. Override with TORCH_SPEC=... elsewhere.
@@ -46,7 +46,10 @@ demo: install-runtime
 chaos: install-runtime
 	$(PY) -m bench.chaos
 
-bench: install
+bench: install-runtime
+	$(PY) -m bench
+
+bench-micro: install
 	$(PY) -m bench.rpc_latency
 	$(PY) -m bench.engine_throughput
 
