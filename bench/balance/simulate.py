@@ -54,7 +54,7 @@ from p2psched.core.protocol import (
     Tokens,
 )
 from p2psched.core.scheduler import Effects, Scheduler, SchedulerParams
-from p2psched.node import PROBE_INTERVAL_S, TICK_S
+from p2psched.node import MEMBERS_EVERY, PROBE_INTERVAL_S, RECHECK_EVERY, TICK_S
 from p2psched.sim_engine import SimEngine
 
 from .metrics import RequestRecord, summarize
@@ -63,7 +63,7 @@ from .workload import Item, WorkloadSpec, generate, prompt_ids, sim_capacity_rps
 Mode = Literal["local", "global", "oracle"]
 MODES: tuple[Mode, ...] = ("local", "global", "oracle")
 MODEL = "sim"
-WARM_UP_S = 2.0  # nodes run (registered, peers known) this long before the first request
+WARM_UP_S = 3.0  # nodes run (registered, every member read twice) this long before the first request
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,7 @@ class SimNode:
         self.balancer = Balancer(self.node_id, random.Random(spec.seed * 1000 + index), margin_s=spec.margin_s,
                                  fanout=spec.fanout, min_queue=spec.min_load_score)
         self.known: set[str] = set()
+        self.heartbeats = 0
         self.in_round = False
         self.round_scheduled = False
 
@@ -205,14 +206,19 @@ class SimNode:
     # ---- registry: membership only ----
 
     def heartbeat_loop(self) -> None:
-        """Every heartbeat: write our record (one command), read the member list (one), and the
-        records of members not seen before (one each), as ``Registry`` does."""
+        """Every heartbeat: write our record; every ``MEMBERS_EVERY``: read the member list, the
+        records of members not seen before, and one more in turn now and then, as the node does."""
         cluster = self.cluster
         cluster.registry.add(self.node_id)
-        members = set(cluster.registry)
+        commands = 4  # the heartbeat script, as INFO commandstats counts it (EVALSHA, HSET, PEXPIRE, ZADD)
+        if self.heartbeats % MEMBERS_EVERY == 0:
+            members = set(cluster.registry)
+            commands += 1 + len(members - self.known - {self.node_id})  # ZREVRANGE, HGETALL per new member
+            commands += 1 if self.heartbeats // MEMBERS_EVERY % RECHECK_EVERY == 0 else 0  # one re-read in turn
+            self.known |= members
+        self.heartbeats += 1
         if self.loop.now >= 0:  # commands while serving; each node's first read of the table is at start
-            cluster.counters.redis_commands += 2 + len(members - self.known - {self.node_id})
-        self.known |= members
+            cluster.counters.redis_commands += commands
 
         def done() -> None:
             self.balancer.set_members(self.known)
@@ -465,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--json", default="", help="write the summaries here")
+    p.add_argument("--plot", default="", help="write a PNG of p99 TTFT, mean E2EL and Redis rate by cluster size")
     args = p.parse_args(argv)
     out: list[dict[str, Any]] = []
     for n in args.nodes:
@@ -485,7 +492,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    if args.plot:
+        plot_scale(out, args.plot)
     return 0
+
+
+def plot_scale(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for mode in MODES:
+        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["nodes"])
+        if not mine:
+            continue
+        sizes = [r["nodes"] for r in mine]
+        axes[0].plot(sizes, [r["ttft"]["p99"] for r in mine], "o-", label=mode)
+        axes[1].plot(sizes, [r["e2el"]["mean"] for r in mine], "o-", label=mode)
+        axes[2].plot(sizes, [r["redis_commands_per_s_per_node"] for r in mine], "o-", label=mode)
+    for ax, label in zip(axes, ("p99 TTFT (s)", "mean end-to-end (s)", "Redis commands / s / node"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("nodes (simulated)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
