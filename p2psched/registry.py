@@ -379,33 +379,8 @@ class Registry:
     async def nodes(self) -> list[NodeRecord]:
         """Every live node of this topic, most loaded first; prunes index entries that expired."""
         async with self._one_at_a_time:
-            return await self._nodes()
-
-    async def _nodes(self) -> list[NodeRecord]:
-        try:
-            out: list[NodeRecord] = []
-            for shard in range(self._keys.shards):
-                members = [bytes(m) for m in await self._client.zrevrange(self._keys.load(shard), 0, -1)]  # type: ignore[arg-type]
-                if not members:
-                    continue
-                ids = [m.decode(errors="replace") for m in members]
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for node_id in ids:
-                        pipe.hgetall(self._keys.node_in_shard(shard, node_id))
-                    raws = await pipe.execute()
-                stale = []
-                for node_id, raw in zip(ids, raws):
-                    record = NodeRecord.from_hash(raw) if raw else None
-                    if record is None:
-                        stale.append(node_id)
-                    else:
-                        out.append(record)
-                if stale:
-                    await self._client.zrem(self._keys.load(shard), *stale)
-            out.sort(key=lambda r: r.load_score, reverse=True)
-            return out
-        except _CONNECTION_ERRORS as exc:
-            raise RegistryUnavailable(str(exc)) from exc
+            records = await self._read({}, set())
+        return sorted(records.values(), key=lambda r: r.load_score, reverse=True)
 
     async def members(self, known: Mapping[str, NodeRecord], check: Iterable[str] = ()) -> dict[str, NodeRecord]:
         """Live members of this topic, cheaply: one ZREVRANGE per shard for the ids; records are
@@ -413,35 +388,36 @@ class Registry:
         answering, and a few more in turn), and the known record is kept for the rest. An id whose
         record has expired is pruned from the index. Commands per call: shards + new + checked,
         whatever the cluster's size (``nodes()`` reads every record)."""
-        recheck = set(check)
         async with self._one_at_a_time:
-            try:
-                out: dict[str, NodeRecord] = {}
-                for shard in range(self._keys.shards):
-                    members = [bytes(m) for m in await self._client.zrevrange(self._keys.load(shard), 0, -1)]  # type: ignore[arg-type]
-                    ids = [m.decode(errors="replace") for m in members]
-                    fetch = [node_id for node_id in ids if node_id not in known or node_id in recheck]
-                    for node_id in ids:
-                        if node_id in known and node_id not in recheck:
-                            out[node_id] = known[node_id]
-                    if not fetch:
-                        continue
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for node_id in fetch:
-                            pipe.hgetall(self._keys.node_in_shard(shard, node_id))
-                        raws = await pipe.execute()
-                    stale = []
-                    for node_id, raw in zip(fetch, raws):
-                        record = NodeRecord.from_hash(raw) if raw else None
-                        if record is None:
-                            stale.append(node_id)
-                        else:
-                            out[node_id] = record
-                    if stale:
-                        await self._client.zrem(self._keys.load(shard), *stale)
-                return out
-            except _CONNECTION_ERRORS as exc:
-                raise RegistryUnavailable(str(exc)) from exc
+            return await self._read(known, set(check))
+
+    async def _read(self, known: Mapping[str, NodeRecord], recheck: set[str]) -> dict[str, NodeRecord]:
+        try:
+            out: dict[str, NodeRecord] = {}
+            for shard in range(self._keys.shards):
+                members = [bytes(m) for m in await self._client.zrevrange(self._keys.load(shard), 0, -1)]  # type: ignore[arg-type]
+                ids = [m.decode(errors="replace") for m in members]
+                fetch = [node_id for node_id in ids if node_id not in known or node_id in recheck]
+                fetching = set(fetch)
+                out.update((node_id, known[node_id]) for node_id in ids if node_id not in fetching)
+                if not fetch:
+                    continue
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for node_id in fetch:
+                        pipe.hgetall(self._keys.node_in_shard(shard, node_id))
+                    raws = await pipe.execute()
+                stale = []
+                for node_id, raw in zip(fetch, raws):
+                    record = NodeRecord.from_hash(raw) if raw else None
+                    if record is None:
+                        stale.append(node_id)
+                    else:
+                        out[node_id] = record
+                if stale:
+                    await self._client.zrem(self._keys.load(shard), *stale)
+            return out
+        except _CONNECTION_ERRORS as exc:
+            raise RegistryUnavailable(str(exc)) from exc
 
     async def close(self) -> None:
         await self._client.aclose()

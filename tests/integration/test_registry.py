@@ -61,6 +61,36 @@ def test_records_expire_without_heartbeat_and_are_pruned(redis_server):
     assert raw.zcard("p2psched:{default.0}:load") == 0
 
 
+def test_members_reads_only_new_and_checked_records_and_prunes_the_expired(redis_server):
+    """What a node runs every other heartbeat: its Redis work does not grow with the members it
+    already knows (``INFO commandstats`` counts the commands)."""
+    raw = redis.Redis(port=redis_server.port)
+
+    def calls(command: str) -> int:
+        return int(raw.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    async def scenario():
+        reg = Registry(config(redis_server, heartbeat_interval=0.1))
+        for node_id in "abc":
+            await reg.heartbeat(record(node_id))
+        known = await reg.members({})
+        assert sorted(known) == ["a", "b", "c"] and known["b"].steal_endpoint == "tcp://127.0.0.1:1/b"
+        before = calls("hgetall")
+        again = await reg.members(known)
+        assert again == known and calls("hgetall") == before  # nothing new: ids only
+        await reg.heartbeat(record("d"))
+        known = await reg.members(known, check=["a"])
+        assert sorted(known) == ["a", "b", "c", "d"] and calls("hgetall") == before + 2  # d (new) and a (checked)
+        await asyncio.sleep(0.45)  # every record expires; the index still lists them
+        await reg.heartbeat(record("e"))
+        known = await reg.members(known, check=["b"])
+        assert sorted(known) == ["a", "c", "d", "e"]  # b, read again, is gone and pruned; the others unread
+        assert raw.zscore("p2psched:{default.0}:load", "b") is None
+        await reg.close()
+
+    asyncio.run(scenario())
+
+
 def test_topics_are_separate_namespaces(redis_server):
     async def scenario():
         red, blue = Registry(config(redis_server, topic="red")), Registry(config(redis_server, topic="blue"))
