@@ -27,6 +27,10 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from p2psched.cluster import Cluster
+from p2psched.redis_server import free_port
 
 from .metrics import RequestRecord, summarize
 from .simulate import ClusterSpec, simulate
@@ -57,22 +62,32 @@ class Setup:
     arrival: str = "poisson"
     seed: int = 1
     min_load_score: int = 1
+    target: str = "round_robin"  # or "one_node": every request to node 0
+    slow_factor: float = 1.0  # node 0's steps take this many times longer (heterogeneous nodes)
+    long_prompt_fraction: float = 0.0  # this share of prompts is 1-2k tokens
+    prefill_ms_per_token: float = 0.0  # a step lengthens by this per prompt token it prefills
+
+    def per_node_args(self) -> list[list[str]]:
+        slow = ["--sim-decode-step-ms", str(self.decode_step_ms * self.slow_factor)] if self.slow_factor != 1 else []
+        return [slow] + [[] for _ in range(self.nodes - 1)]
 
     def node_args(self) -> list[str]:
         return ["--engine", "sim", "--max-num-seqs", str(self.max_num_seqs),
                 "--sim-decode-step-ms", str(self.decode_step_ms), "--sim-decode-ms-per-seq", "0",
-                "--sim-decode-ms-per-kilotoken", "0", "--sim-prefill-ms-per-token", "0",
+                "--sim-decode-ms-per-kilotoken", "0", "--sim-prefill-ms-per-token", str(self.prefill_ms_per_token),
                 "--scheduler-min-load-score", str(self.min_load_score)]
 
     def cluster_spec(self) -> ClusterSpec:
         base = ClusterSpec()
         return ClusterSpec(nodes=self.nodes, max_num_seqs=self.max_num_seqs,
-                           cost=dataclasses.replace(base.cost, decode_step_ms=self.decode_step_ms),
-                           min_load_score=self.min_load_score, seed=self.seed)
+                           cost=dataclasses.replace(base.cost, decode_step_ms=self.decode_step_ms,
+                                                    prefill_ms_per_token=self.prefill_ms_per_token),
+                           slowdowns=(self.slow_factor,), min_load_score=self.min_load_score, seed=self.seed)
 
     def workload(self) -> tuple[WorkloadSpec, list[Item], float]:
-        spec = WorkloadSpec(num_requests=self.num_requests, arrival=self.arrival, seed=self.seed)  # type: ignore[arg-type]
-        capacity = sim_capacity_rps(self.cluster_spec().cost, self.max_num_seqs, spec, self.nodes)
+        spec = WorkloadSpec(num_requests=self.num_requests, arrival=self.arrival, seed=self.seed,  # type: ignore[arg-type]
+                            target=self.target, long_prompt_fraction=self.long_prompt_fraction)  # type: ignore[arg-type]
+        capacity = sim_capacity_rps(self.cluster_spec().cost, self.max_num_seqs, spec, self.nodes, (self.slow_factor,))
         return spec, generate(spec.at_rate(self.load * capacity), self.nodes), capacity
 
 
@@ -111,30 +126,34 @@ async def _stream(session: aiohttp.ClientSession, url: str, item: Item, record: 
                 if ids:
                     record.token_times.append(time.monotonic() - t0)
                     record.num_tokens += len(ids)
-                if "p2psched" in payload:
+                if "p2psched" in payload:  # on the last chunk: where it ran, and (behind nginx) where it landed
                     record.served_by = payload["p2psched"].get("served_by", "")
+                    record.origin = payload["p2psched"].get("origin", record.origin)
         record.finish_s = time.monotonic() - t0
     except (aiohttp.ClientError, TimeoutError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"
 
 
-async def _drive(cluster: Cluster, mode: str, items: list[Item], setup: Setup, progress: Progress) -> list[RequestRecord]:
+async def _drive(cluster: Cluster, mode: str, items: list[Item], setup: Setup, progress: Progress,
+                 door: str | None) -> list[RequestRecord]:
+    """Send every item at its time: to ``door`` (nginx) when given, else to the node the
+    item names (client-side round-robin); ``oracle`` places each itself."""
     task = progress.add_task(f"{mode:>7}", total=len(items))
     records = {item.index: RequestRecord(item.index, item.arrival_s, cluster.nodes[item.node].name) for item in items}
     timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         t0 = time.monotonic()
 
-        async def one(item: Item, node_index: int) -> None:
+        async def one(item: Item, node_index: int, url: str | None = None) -> None:
             record = records[item.index]
             record.origin = cluster.nodes[node_index].name
-            await _stream(session, cluster.nodes[node_index].url, item, record, t0)
+            await _stream(session, url or cluster.nodes[node_index].url, item, record, t0)
             progress.advance(task)
 
         if mode != "oracle":
             async def send(item: Item) -> None:
                 await asyncio.sleep(max(0.0, t0 + item.arrival_s - time.monotonic()))
-                await one(item, item.node)
+                await one(item, item.node, door)
 
             await asyncio.gather(*(send(item) for item in items))
         else:
@@ -174,12 +193,80 @@ def _redis_commands(port: int) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and k != "cmdstat_info")
 
 
-def run_mode(mode: str, items: list[Item], setup: Setup, progress: Progress, log_dir: Path) -> ModeRun:
+class Nginx:
+    """Debian's nginx as the front door: a round-robin upstream of the nodes, SSE unbuffered,
+    started in its own prefix folder and stopped with the mode."""
+
+    def __init__(self, node_ports: list[int], folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        servers = "".join(f"    server 127.0.0.1:{port};\n" for port in node_ports)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tmp").mkdir(exist_ok=True)
+        (folder / "nginx.conf").write_text(f"""worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {folder}/tmp;
+  proxy_temp_path {folder}/tmp;
+  upstream nodes {{
+{servers}    keepalive 64;
+  }}
+  server {{
+    listen 127.0.0.1:{self.port};
+    location / {{
+      proxy_pass http://nodes;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 900s;
+    }}
+  }}
+}}
+""")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Nginx:
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+        if binary is None:
+            raise SystemExit("python -m bench: error: --front nginx needs nginx (apt-get install nginx-light)")
+        self.proc = subprocess.Popen([binary, "-p", str(self.folder), "-c", str(self.folder / "nginx.conf"),
+                                      "-e", str(self.folder / "error.log"), "-g", "daemon off;"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"python -m bench: error: nginx exited (see {self.folder / 'error.log'})")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("python -m bench: error: nginx did not start listening in 10 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: finish the streams in flight
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run_mode(mode: str, items: list[Item], setup: Setup, progress: Progress, log_dir: Path,
+             front: str = "client") -> ModeRun:
     scheduler = "global" if mode == "global" else "local"
-    with Cluster(setup.nodes, setup.node_args(), scheduler_name=scheduler, log_dir=str(log_dir / mode)) as cluster:
+    with Cluster(setup.nodes, setup.node_args(), scheduler_name=scheduler, log_dir=str(log_dir / mode),
+                 per_node_args=setup.per_node_args()) as cluster:
         before = _redis_commands(cluster.redis.port)
         started = time.monotonic()
-        records = asyncio.run(_drive(cluster, mode, items, setup, progress))
+        if front == "nginx" and mode != "oracle":  # the oracle is its own front door
+            with Nginx([n.port for n in cluster.nodes], log_dir / mode / "nginx") as nginx:
+                records = asyncio.run(_drive(cluster, mode, items, setup, progress, nginx.url))
+        else:
+            records = asyncio.run(_drive(cluster, mode, items, setup, progress, None))
         wall = time.monotonic() - started
         commands = _redis_commands(cluster.redis.port) - before
         node_stats = {n.name: n.stats()["stats"] for n in cluster.nodes}
@@ -266,14 +353,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arrival", choices=["poisson", "gamma", "steady"], default="poisson")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--min-load-score", type=int, default=1)
+    p.add_argument("--target", choices=["round_robin", "one_node"], default="round_robin",
+                   help="where the front door sends requests (one_node: all to node 0)")
+    p.add_argument("--slow-factor", type=float, default=1.0, help="node 0's steps take this many times longer")
+    p.add_argument("--long-prompt-fraction", type=float, default=0.0, help="share of 1-2k-token prompts")
+    p.add_argument("--prefill-ms-per-token", type=float, default=0.0, help="step time added per prompt token prefilled")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--front", choices=["client", "nginx"], default="client",
+                   help="round-robin in the client, or through a real nginx (Debian's package) as deployed")
     p.add_argument("--out", default="out/bench")
     args = p.parse_args(argv)
-    if args.nodes < 1 or args.requests < 1 or not 0 < args.load <= 2:
-        print(f"{p.prog}: error: need --nodes >= 1, --requests >= 1, 0 < --load <= 2", file=sys.stderr)
+    if args.nodes < 1 or args.requests < 1 or not 0 < args.load <= 2 or args.slow_factor <= 0 \
+            or not 0 <= args.long_prompt_fraction <= 1 or args.max_num_seqs < 1 or args.decode_step_ms <= 0 \
+            or args.prefill_ms_per_token < 0:
+        print(f"{p.prog}: error: need --nodes >= 1, --requests >= 1, 0 < --load <= 2, --slow-factor > 0, "
+              "--long-prompt-fraction in [0, 1], --max-num-seqs >= 1, --decode-step-ms > 0", file=sys.stderr)
         return 2
     setup = Setup(args.nodes, args.max_num_seqs, args.decode_step_ms, args.load, args.requests, args.arrival,
-                  args.seed, args.min_load_score)
+                  args.seed, args.min_load_score, args.target, args.slow_factor, args.long_prompt_fraction,
+                  args.prefill_ms_per_token)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work, items, capacity = setup.workload()
@@ -285,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         for mode in args.modes:
-            runs.append(run_mode(mode, items, setup, progress, out / "logs"))
+            runs.append(run_mode(mode, items, setup, progress, out / "logs", args.front))
     spec = setup.cluster_spec()
     table = Table(title="balance bench: real node processes (sim engine), and the simulator on the same items")
     for column in ["mode", "run", *HEADER, "stolen", "Redis cmd/s/node"]:
