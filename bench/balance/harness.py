@@ -189,8 +189,14 @@ async def _oracle(items: list[Item], setup: Setup, t0: float, one: Any) -> None:
 
 
 def _redis_commands(port: int) -> int:
-    stats = redis_lib.Redis(port=port).info("commandstats")
-    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and k != "cmdstat_info")
+    """Commands Redis has run, but for this counter's own connection (HELLO, CLIENT, INFO)."""
+    client = redis_lib.Redis(port=port)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    own = {"cmdstat_info", "cmdstat_hello", "cmdstat_client"}
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and k not in own)
 
 
 class Nginx:
@@ -198,6 +204,7 @@ class Nginx:
     started in its own prefix folder and stopped with the mode."""
 
     def __init__(self, node_ports: list[int], folder: Path):
+        folder = folder.resolve()  # nginx reads relative paths from its prefix
         self.folder = folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
