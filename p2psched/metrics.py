@@ -83,7 +83,7 @@ class _NodeCollector:
                       s.sends_failed)
         yield counter("p2psched_send_budget_refusals", "Sends refused because the peer's queued bytes hit the budget",
                       s.send_budget_refusals)
-        yield counter("p2psched_load_probes_sent", "Load probes sent while the registry was unreachable",
+        yield counter("p2psched_load_probes_sent", "Queue probes sent to peers (how long their queues are, and how old)",
                       s.probes_sent)
         yield gauge("p2psched_send_queue_bytes", "Bytes handed to ZeroMQ that peers have not taken yet",
                     node.queued_send_bytes)

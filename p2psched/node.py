@@ -78,7 +78,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.05
 PROBE_INTERVAL_S = 0.02  # each round asks a few random peers how long their queues are, and how old
-PEER_REFRESH_MIN_GAP_S = 0.1  # a steal or probe from an unknown peer re-reads the members at most this often
+PEER_REFRESH_MIN_GAP_S = 0.5  # calls from unknown peers re-read the members at most this often
+SUSPECT_AFTER_PROBES = 20  # probes a peer left unanswered in a row before its record is read again
 MEMBERS_EVERY = 2  # heartbeats per read of the member list (sooner when an unknown peer calls)
 RECHECK_EVERY = 4  # member-list reads per record read again, in turn (to prune expired members)
 ENGINE_FAILURE_GRACE_S = 5.0  # for clients to get their errors, and for deregistering
@@ -134,11 +135,10 @@ class Node:
         self.balancer = Balancer(self.node_id, self._rng, min_queue=config.scheduler.min_load_score)
         self._records: dict[str, NodeRecord] = {}  # the registry's members, as last read
         self._suspects: set[str] = set()  # peers that stopped answering: their records are read again
+        self._unanswered: dict[str, int] = {}  # peer -> probes sent since its last report
         self._recheck_turn = 0
-        self._heartbeats = 0
         self._wake_stealer = asyncio.Event()
         self._refresh_soon = asyncio.Event()
-        self._peers_refreshed_at = -1e9
         self._stop_requested = asyncio.Event()
         self._registry: Registry | None = None
         self._auth: AsyncioAuthenticator | None = None
@@ -370,11 +370,12 @@ class Node:
 
     def _on_grant(self, grant: Grant) -> None:
         now = time.time()
-        self.balancer.heard(grant.victim_id, grant.victim_pending, grant.victim_oldest_waited_s, now)
+        self.balancer.heard(grant.victim_id, grant.victim_grantable, grant.victim_oldest_waited_s, now)
         if grant.tasks:
             self._apply(self.scheduler.on_grant(grant, now))
 
     def _on_load(self, report: LoadReport) -> None:
+        self._unanswered.pop(report.node_id, None)
         self.balancer.heard(report.node_id, report.grantable, report.oldest_waited_s, time.time())
         self._wake_stealer_if_idle()
 
@@ -526,13 +527,16 @@ class Node:
         are counted and skipped. Loads are not read here: peers report their queues themselves."""
         assert self._registry is not None
         known = {node_id: record for node_id, record in self._records.items() if node_id not in self._suspects}
-        turn = [sorted(known)[self._recheck_turn // RECHECK_EVERY % len(known)]] \
-            if known and self._recheck_turn % RECHECK_EVERY == 0 else []
+        # one known record in turn, picked at random so that nodes started together spread their reads
+        turn = [self._rng.choice(sorted(known))] if known and self._recheck_turn % RECHECK_EVERY == 0 else []
         self._recheck_turn += 1
-        records = await self._registry.members(known, self._suspects | set(turn))
-        self._suspects.clear()
+        suspects, self._suspects = self._suspects, set()
+        try:
+            records = await self._registry.members(known, suspects | set(turn))
+        except BaseException:
+            self._suspects |= suspects  # read them next time
+            raise
         self._records = records
-        self._peers_refreshed_at = time.monotonic()
         if self.curve is not None and self._auth is not None:  # keys added or revoked while we run
             self.curve.reload_allow_list(self._auth)
             self._allowed_keys = self.curve.allowed_keys()
@@ -564,6 +568,7 @@ class Node:
         while len(self._known_keys) > KNOWN_KEYS:
             self._known_keys.popitem(last=False)
         self.peers = peers
+        self._unanswered = {node_id: n for node_id, n in self._unanswered.items() if node_id in peers}
         self.balancer.set_members(p.node_id for p in peers.values() if p.model_id == self.engine.model_id)
         self._links.prune(set(peers) | self.scheduler.remote.origins())
 
@@ -578,18 +583,26 @@ class Node:
 
     async def _registry_loop(self) -> None:
         """Every heartbeat interval: write our record (and load, for operators); every
-        ``MEMBERS_EVERY`` heartbeats read who the members are, sooner when an unknown peer asks
-        us for work (it may have just joined) or a peer stopped answering. About 4.6 commands a
-        second per node as ``INFO commandstats`` counts them (the heartbeat script is 4), whatever
-        the cluster's size or load."""
+        ``MEMBERS_EVERY`` heartbeats read who the members are. Sooner, at most every
+        ``PEER_REFRESH_MIN_GAP_S`` and without a heartbeat, when an unknown peer calls (it may
+        have just joined) or a peer stopped answering. About 4.6 commands a second per node as
+        ``INFO commandstats`` counts them (the heartbeat script is 4), whatever the cluster's
+        size or load."""
         assert self._registry is not None
         interval = self.config.scheduler.heartbeat_interval
+        heartbeats = 0
+        next_heartbeat = time.monotonic()
         while not self.is_draining:
             try:
-                await self._registry.heartbeat(self._record())
-                if self._heartbeats % MEMBERS_EVERY == 0 or self._refresh_soon.is_set() or self._suspects:
+                read_members = bool(self._suspects) or self._refresh_soon.is_set()
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + interval
+                    await self._registry.heartbeat(self._record())
+                    read_members = read_members or heartbeats % MEMBERS_EVERY == 0
+                    heartbeats += 1
+                if read_members:
+                    self._refresh_soon.clear()
                     await self._refresh_peers()
-                self._heartbeats += 1
                 if self.is_registry_stale:
                     log.info("registry reachable again: re-registered")
                 self.is_registry_stale = False
@@ -602,10 +615,9 @@ class Node:
                 self.is_registry_stale = True
             except Exception as exc:  # noqa: BLE001 - what Redis returned made no sense: count it, go on
                 self.containment.record("registry", "redis", exc)
-            self._refresh_soon.clear()
             try:
-                await asyncio.wait_for(self._refresh_soon.wait(), interval)
-                await asyncio.sleep(PEER_REFRESH_MIN_GAP_S)
+                await asyncio.wait_for(self._refresh_soon.wait(), max(0.0, next_heartbeat - time.monotonic()))
+                await asyncio.sleep(PEER_REFRESH_MIN_GAP_S)  # (and while Redis is down, no faster than this)
             except TimeoutError:
                 pass
 
@@ -620,9 +632,15 @@ class Node:
                     continue
                 for node_id in self.balancer.probe_targets():
                     peer = self.peers.get(node_id)
-                    if peer is not None:
-                        self.stats.probes_sent += 1
-                        self._links.send_probe(peer, Probe(PROTOCOL_VERSION, uuid.uuid4().hex, self.node_id))
+                    if peer is None:
+                        continue
+                    self.stats.probes_sent += 1
+                    self._links.send_probe(peer, Probe(PROTOCOL_VERSION, uuid.uuid4().hex, self.node_id))
+                    unanswered = self._unanswered.get(node_id, 0) + 1
+                    self._unanswered[node_id] = unanswered
+                    if unanswered >= SUSPECT_AFTER_PROBES:  # gone without deregistering? its record says
+                        del self._unanswered[node_id]
+                        self._suspects.add(node_id)
 
     async def _stealer(self) -> None:
         cfg = self.config.scheduler
@@ -666,7 +684,9 @@ class Node:
                 self._suspects.add(victim.node_id)
                 self._refresh_soon.set()
                 continue
-            self.balancer.granted(victim.node_id, fruitless=not grant.tasks, now=time.time())
+            # fruitless too when every task went straight back (our queue filled meanwhile, say)
+            taken = any(task.request_id in self.scheduler.requests for task in grant.tasks)
+            self.balancer.granted(victim.node_id, fruitless=not taken, now=time.time())
             if grant.tasks:
                 self.stats.steals_granted += 1
             else:

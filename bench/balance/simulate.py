@@ -70,8 +70,9 @@ WARM_UP_S = 3.0  # nodes run (registered, every member read twice) this long bef
 class ClusterSpec:
     nodes: int = 4
     max_num_seqs: int = 8
+    # the harness's node flags (--sim-*), with the sim engine's default KV size and context length
     cost: SimEngineConfig = SimEngineConfig(decode_step_ms=20.0, decode_ms_per_seq=0.0, decode_ms_per_kilotoken=0.0,
-                                            prefill_ms_per_token=0.0, kv_tokens=1 << 20, max_model_len=8192)
+                                            prefill_ms_per_token=0.0)
     slowdowns: tuple[float, ...] = ()  # per node: its steps take this many times longer (default 1)
     latency_s: float = 0.0005  # one way, node to node
     loss: float = 0.0  # share of node-to-node messages lost
@@ -265,18 +266,19 @@ class SimNode:
         answered = [False]
 
         def on_grant(grant: Grant) -> None:
+            # what the node's _on_grant does with every grant, late or not
+            self.balancer.heard(plan.victim_id, grant.victim_grantable, grant.victim_oldest_waited_s, self.loop.now)
+            if grant.tasks:
+                self.apply(self.sched.on_grant(grant, self.loop.now))
             if answered[0]:
-                if grant.tasks:  # late: the victim leased them to us; take them, as the node does
-                    self.apply(self.sched.on_grant(grant, self.loop.now))
-                return
+                return  # late: the round moved on
             answered[0] = True
             cluster.counters.steal_round_trips.append(self.loop.now - sent_at)
-            self.balancer.heard(plan.victim_id, grant.victim_pending, grant.victim_oldest_waited_s, self.loop.now)
-            self.balancer.granted(plan.victim_id, fruitless=not grant.tasks, now=self.loop.now)
+            taken = any(task.request_id in self.sched.requests for task in grant.tasks)
+            self.balancer.granted(plan.victim_id, fruitless=not taken, now=self.loop.now)
             if grant.tasks:
                 cluster.counters.steals_granted += 1
                 cluster.counters.tasks_stolen += len(grant.tasks)
-                self.apply(self.sched.on_grant(grant, self.loop.now))
             self.in_round = False
             self.wake_stealer()
 
@@ -348,8 +350,6 @@ class SimCluster:
 
         def at_victim() -> None:
             grant, _ = victim.sched.on_steal(steal, self.loop.now)
-            if grant.tasks:
-                victim.apply(Effects())  # its queue shrank: publish, as the node does after a grant
             self.counters.messages += 1
             if self.spec.loss and self.rng.random() < self.spec.loss:
                 self.counters.messages_lost += 1

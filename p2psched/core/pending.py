@@ -18,6 +18,7 @@ from .request import Request
 class PendingQueue:
     def __init__(self) -> None:
         self._items: OrderedDict[str, Request] = OrderedDict()
+        self._front: set[str] = set()  # pushed to the front (resumed): nothing is inserted ahead of them
         self.total_work = 0  # sum of work_tokens: fixed per request while it waits here
 
     def __len__(self) -> int:
@@ -41,12 +42,14 @@ class PendingQueue:
         its client has part of its stream already). Such a request is pinned: never granted."""
         self.push_back(request)
         self._items.move_to_end(request.request_id, last=False)
+        self._front.add(request.request_id)
 
     def insert_by_arrival(self, request: Request) -> None:
-        """Before every request that arrived after it (ties: after those already here)."""
+        """Before every request that arrived after it (ties: after those already here), but never
+        ahead of a resumed request at the front."""
         younger: list[str] = []
         for other in reversed(self._items.values()):
-            if other.arrival <= request.arrival:
+            if other.arrival <= request.arrival or other.request_id in self._front:
                 break
             younger.append(other.request_id)
         self.push_back(request)
@@ -62,9 +65,11 @@ class PendingQueue:
 
     def pop_front(self) -> Request:
         _, request = self._items.popitem(last=False)
+        self._front.discard(request.request_id)
         self.total_work -= request.work_tokens
         return request
 
     def remove(self, request: Request) -> None:
         del self._items[request.request_id]
+        self._front.discard(request.request_id)
         self.total_work -= request.work_tokens

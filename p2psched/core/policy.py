@@ -1,6 +1,7 @@
 """Stealing policy: pure functions, no I/O, no clock.
 
-- ``PeerLoad``: a registered peer (its endpoints, key and last published load).
+- ``PeerLoad``: a registered peer (its endpoints and key; the load its record showed when first
+  read, for information: thieves go by what peers report, ``balance.py``).
 - ``select_grant``: what a victim gives a thief from its pending queue.
 
 Whom a thief asks, and when, is ``balance.py``.

@@ -102,6 +102,7 @@ class Grant(_Base, frozen=True, tag="grant"):
     victim_pending: Count  # victim's queue after the grant, so thieves need not wait for Redis
     reason: GrantReason = "ok"
     victim_oldest_waited_s: Seconds = 0.0  # the wait of its oldest grantable request left (0: none)
+    victim_grantable: Count = 0  # requests left that a thief could be given
 
 
 class TokenItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

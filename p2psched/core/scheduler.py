@@ -126,7 +126,7 @@ class Scheduler:
         self._last_heartbeat = 0.0
         self._deadlines: list[tuple[float, str]] = []  # heap of own requests' deadlines
 
-    # ---- load, as published to the registry and used to decide when to steal ----
+    # ---- load: published to the registry (for operators) and reported to peers (to steal by) ----
 
     @property
     def free_slots(self) -> int:
@@ -146,11 +146,17 @@ class Scheduler:
         }
 
     def queue_report(self, now: float) -> tuple[int, float]:
-        """(requests a thief could be given, how long the oldest of them has waited; 0 if none)."""
+        """(requests a thief could be given, how long the oldest of them has waited; 0 if none).
+        Nothing while this node does not grant (it is draining)."""
+        if not self.is_accepting_steals:
+            return 0, 0.0
         return self.pending.num_grantable(), self._waited(self.pending.oldest_grantable(), now)
 
     def plan_steal(self, balancer: Balancer, now: float) -> StealPlan | None:
-        """The steal this node should send now, if any (``balance.Balancer.plan``)."""
+        """The steal this node should send now, if any (``balance.Balancer.plan``); none while
+        its queue is full (what it took would go straight back)."""
+        if len(self.pending) >= self.params.max_queue_len:
+            return None
         limits = self.params.limits
         return balancer.plan(now, self.free_slots, self.free_kv_tokens, len(self.pending),
                              self._waited(self.pending.head(), now), limits.max_kv_tokens)
@@ -304,14 +310,18 @@ class Scheduler:
             reason = "ok" if chosen else "empty"
         taken = {request.request_id for request, _ in chosen}
         left = next((r for r in self.pending if not r.is_pinned and r.request_id not in taken), None)
+        # what is left for the next thief (those taken were grantable: never pinned)
+        grantable = self.pending.num_grantable() - len(chosen) if left is not None and self.is_accepting_steals else 0
+        oldest = self._waited(left, now) if grantable else 0.0
         grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [task for _, task in chosen],
-                      len(self.pending) - len(chosen), reason, self._waited(left, now))
+                      len(self.pending) - len(chosen), reason, oldest, grantable)
         try:
             frame = encode(grant)
         except ProtocolError as exc:  # nothing is leased yet: answer empty instead
             log.error("grant for %s not sendable (%s): answering empty", steal.thief_name, exc)
+            grantable, oldest = self.queue_report(now)
             grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [], len(self.pending), "empty",
-                          self._waited(self.pending.oldest_grantable(), now))
+                          oldest, grantable)
             return grant, encode(grant)
         for request, _ in chosen:
             self.pending.remove(request)

@@ -42,7 +42,7 @@ class Stats:
     registry_errors: int = 0
     sends_failed: int = 0  # a send refused at once (peer gone, its byte budget spent)
     send_budget_refusals: int = 0  # of those, refused because the peer's queued bytes hit the budget
-    probes_sent: int = 0  # load probes sent to peers while the registry was unreachable
+    probes_sent: int = 0  # queue probes sent to peers (balance.py)
     busy_s: float = 0.0  # engine time spent in steps
     malformed: Counter[str] = field(default_factory=Counter)  # socket name -> frames dropped
     unauthorized: Counter[str] = field(default_factory=Counter)  # socket name -> messages refused (who sent them)

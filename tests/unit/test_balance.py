@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from p2psched.core.balance import Balancer, StealPlan
+from p2psched.core.balance import FRUITLESS_CAP_S, Balancer, StealPlan
 
 
 def balancer(**kwargs: float) -> Balancer:
@@ -94,3 +94,20 @@ def test_a_peer_with_nothing_for_us_is_left_alone_longer_each_time():
         assert idle(b, t + wait).victim_id == "a"  # type: ignore[union-attr]
     b.granted("a", fruitless=False, now=12.0)
     assert idle(b, 12.0).victim_id == "a"  # type: ignore[union-attr]
+
+
+def test_the_wait_after_empty_grants_stops_growing_at_its_cap():
+    b = balancer()
+    for _ in range(12):
+        b.granted("a", fruitless=True, now=10.0)
+    b.heard("a", grantable=5, oldest_waited_s=0.5, now=10.0)
+    assert idle(b, 10.0 + FRUITLESS_CAP_S - 1e-6) is None and idle(b, 10.0 + FRUITLESS_CAP_S) is not None
+
+
+def test_min_load_score_is_how_many_a_victim_must_have_to_give():
+    b = Balancer("me", random.Random(0), min_queue=3)
+    b.set_members(["a"])
+    b.heard("a", grantable=2, oldest_waited_s=5.0, now=10.0)
+    assert idle(b, 10.0) is None
+    b.heard("a", grantable=3, oldest_waited_s=5.0, now=10.0)
+    assert idle(b, 10.0).victim_id == "a"  # type: ignore[union-attr]

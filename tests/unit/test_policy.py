@@ -63,6 +63,13 @@ def test_pending_queue_keeps_arrival_order_and_work_total():
     assert ids(queue) == ["r2", "r0", "r3", "r1"]
     queue.insert_by_arrival(req(4, arrival=3.0))  # a tie goes after those already here
     assert ids(queue) == ["r2", "r0", "r3", "r1", "r4"]
+    queue.insert_by_arrival(req(5, arrival=0.5))  # older than all, but never ahead of the resumed one
+    assert ids(queue) == ["r2", "r5", "r0", "r3", "r1", "r4"]
+    queue.remove(queue.head())  # type: ignore[arg-type]
+    queue.insert_by_arrival(c)  # once gone from the front, it is placed by its age like any other
+    assert ids(queue) == ["r5", "r0", "r3", "r1", "r4", "r2"]
+    queue.remove(c)
+    queue.remove(queue.head())  # type: ignore[arg-type]
     assert queue.oldest_grantable() is a and queue.num_grantable() == 4
     queue.remove(a)
-    assert queue.pop_front() is c and queue.head() is stolen and queue.total_work == 20 + 40 + 20
+    assert queue.pop_front() is stolen and queue.head() is b and queue.total_work == 40 + 20

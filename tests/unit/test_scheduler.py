@@ -6,6 +6,7 @@ through encode/decode), each with a simulated engine stepped synchronously.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -289,3 +290,36 @@ def test_model_mismatch_and_draining_give_empty_grants():
     same = Steal(PROTOCOL_VERSION, "s2", "victim", "t", "n", "model", 4, 10_000, 1000)
     assert side.sched.on_steal(same, 0.0)[0].reason == "not_accepting"
     assert len(side.sched.pending) == 2
+
+
+def test_a_stolen_task_joins_the_thiefs_queue_by_how_long_it_waited():
+    origin, thief = Side("origin"), Side("thief")
+    for i in range(6):  # 0 and 1 run; 2..5 wait since t = 0
+        submit(origin, i, 50, now=0.0)
+    for i in range(4):  # the thief's own: two run, two wait since t = 1
+        thief.sched.submit(f"own-{i}", [9, i], Sampling(max_tokens=50, seed=i), 1.0)
+    thief.apply(thief.sched.admit(1.0))
+    too_young = Steal(PROTOCOL_VERSION, "s1", "origin", "thief", "thief-name", "model", 1, 10_000, 1000, 2.0)
+    empty, _ = origin.sched.on_steal(too_young, 1.5)  # nothing there has waited 2 s
+    assert empty.tasks == [] and empty.victim_grantable == 4 and empty.victim_oldest_waited_s == pytest.approx(1.5)
+    steal = Steal(PROTOCOL_VERSION, "s2", "origin", "thief", "thief-name", "model", 1, 10_000, 1000, 0.6)
+    grant, _ = origin.sched.on_steal(steal, 1.5)
+    assert [t.request_id for t in grant.tasks] == ["req-2"] and grant.tasks[0].waited_s == pytest.approx(1.5)
+    assert (grant.victim_grantable, grant.victim_oldest_waited_s) == (3, pytest.approx(1.5))  # req-3 is next
+    thief.apply(thief.sched.on_grant(grant, 1.5))
+    assert [r.request_id for r in thief.sched.pending] == ["req-2", "own-2", "own-3"]  # it waited longest
+    assert thief.sched.pending.head().arrival == pytest.approx(0.0)  # type: ignore[union-attr]
+
+
+def test_a_full_queue_steals_nothing_and_a_draining_node_offers_nothing():
+    side = Side("solo")
+    side.sched.params = dataclasses.replace(side.sched.params, max_queue_len=3)
+    balancer = Balancer("solo", random.Random(0))
+    balancer.set_members(["peer"])
+    for i in range(5):  # two run, three wait: the queue is full
+        submit(side, i, 10, now=0.0)
+    balancer.heard("peer", grantable=9, oldest_waited_s=30.0, now=1.0)
+    assert side.sched.plan_steal(balancer, 1.0) is None
+    assert side.sched.queue_report(1.0) == (3, pytest.approx(1.0))
+    side.sched.is_accepting_steals = False
+    assert side.sched.queue_report(1.0) == (0, 0.0)
