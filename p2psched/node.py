@@ -463,6 +463,7 @@ class Node:
         self._grants.put(message.thief_id, message.steal_id, reply)
         if grant.tasks:
             log.info("granted %d request(s) to %s", len(grant.tasks), message.thief_name)
+            self._wake_stealer_if_idle()  # our oldest is younger now: a peer's may be worth taking
         return reply
 
     async def _result_server(self) -> None:

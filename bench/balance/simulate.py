@@ -350,6 +350,8 @@ class SimCluster:
 
         def at_victim() -> None:
             grant, _ = victim.sched.on_steal(steal, self.loop.now)
+            if grant.tasks:
+                victim.wake_stealer()  # as the node does: its oldest is younger now
             self.counters.messages += 1
             if self.spec.loss and self.rng.random() < self.spec.loss:
                 self.counters.messages_lost += 1
