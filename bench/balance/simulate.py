@@ -142,7 +142,6 @@ class SimNode:
         self.inbox: list[EngineRequest | str] = []  # adds and aborts for the engine's next step
         self.is_stepping = False
         self.busy_s = 0.0
-        self.steps: list[tuple[float, float, int]] = []  # (start, end, batch) for timelines
         # stealing (global mode)
         self.balancer = Balancer(self.node_id, random.Random(spec.seed * 1000 + index), margin_s=spec.margin_s,
                                  fanout=spec.fanout, min_queue=spec.min_load_score)
@@ -184,14 +183,11 @@ class SimNode:
             self.is_stepping = False
             return
         cost = self.engine.step_cost_s() * self.slowdown
-        batch = self.engine.stats().running
-        start = self.loop.now
-        self.loop.after(cost, lambda: self._end_step(start, cost, batch))
+        self.loop.after(cost, lambda: self._end_step(cost))
 
-    def _end_step(self, start: float, cost: float, batch: int) -> None:
+    def _end_step(self, cost: float) -> None:
         result = self.engine.advance()
         self.busy_s += cost
-        self.steps.append((start, self.loop.now, batch))
         self.apply(self.sched.on_engine_outputs(result.outputs, cost, self.loop.now))
         self.cluster.after_step(self)
         self._start_step()
@@ -458,6 +454,8 @@ def simulate(spec: ClusterSpec, mode: Mode, items: list[Item]) -> RunResult:
     summary["redis_commands_per_s_per_node"] = cluster.counters.redis_commands / max(duration, 1e-9) / spec.nodes
     summary["steals"] = cluster.counters.steals
     summary["tasks_stolen"] = cluster.counters.tasks_stolen
+    trips = cluster.counters.steal_round_trips
+    summary["steal_round_trip_ms_mean"] = 1000 * sum(trips) / len(trips) if trips else 0.0
     return RunResult(mode, records, summary, busy, cluster.counters, time.perf_counter() - started)
 
 
