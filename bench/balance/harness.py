@@ -6,6 +6,11 @@ records, per request, what its client saw (``metrics.RequestRecord``). Modes:
 
 - ``local``: no stealing; the front door's round-robin decides where each request runs.
 - ``global``: p2psched's stealing.
+- ``fastdeploy``: FastDeploy's Redis global scheduler (``fastdeploy.py``), one per node, in this
+  process: requests queue in Redis lists, idle nodes pop or steal them, stolen tokens come back
+  through Redis lists. Its nodes run ``local`` and get each request from their scheduler only
+  when they have a free slot. The front door here is always the client's round-robin (it only
+  names each request's origin).
 - ``oracle``: late binding at the client: one queue in arrival order, each request sent the
   moment some node has a free slot (the client counts each node's streams in flight against its
   ``--max-num-seqs``): the bar for waiting time. Its nodes run ``local``.
@@ -27,12 +32,14 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +52,12 @@ from rich.table import Table
 from p2psched.cluster import Cluster
 from p2psched.redis_server import free_port
 
+from .fastdeploy import Chunk, Engine, Event, FdConfig, FdScheduler
 from .metrics import RequestRecord, summarize
 from .simulate import ClusterSpec, simulate
 from .workload import Item, WorkloadSpec, generate, sim_capacity_rps
 
-MODES = ("local", "global", "oracle")
+MODES = ("local", "global", "fastdeploy", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,29 +114,36 @@ def _prompt(item: Item) -> str:
     return head + "x" * max(0, item.prompt_tokens - len(head))
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, item: Item, record: RequestRecord, t0: float) -> None:
-    body = {"prompt": _prompt(item), "max_tokens": item.max_tokens, "seed": item.seed, "stream": True,
+def _body(item: Item) -> dict[str, Any]:
+    return {"prompt": _prompt(item), "max_tokens": item.max_tokens, "seed": item.seed, "stream": True,
             "ignore_eos": True, "return_token_ids": True}
+
+
+async def _chunks(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The streamed completion's chunks (decoded); an error chunk for a refused request."""
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            yield {"error": {"message": f"HTTP {resp.status}"}}
+            return
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, item: Item, record: RequestRecord, t0: float) -> None:
     try:
-        async with session.post(url + "/v1/completions", json=body) as resp:
-            if resp.status != 200:
-                record.error = f"HTTP {resp.status}"
+        async for payload in _chunks(session, url, _body(item)):
+            if "error" in payload:
+                record.error = str(payload["error"].get("message", "error"))
                 return
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                payload = json.loads(line[6:])
-                if "error" in payload:
-                    record.error = str(payload["error"].get("message", "error"))
-                    return
-                ids = payload["choices"][0].get("token_ids") or []
-                if ids:
-                    record.token_times.append(time.monotonic() - t0)
-                    record.num_tokens += len(ids)
-                if "p2psched" in payload:  # on the last chunk: where it ran, and (behind nginx) where it landed
-                    record.served_by = payload["p2psched"].get("served_by", "")
-                    record.origin = payload["p2psched"].get("origin", record.origin)
+            ids = payload["choices"][0].get("token_ids") or []
+            if ids:
+                record.token_times.append(time.monotonic() - t0)
+                record.num_tokens += len(ids)
+            if "p2psched" in payload:  # on the last chunk: where it ran, and (behind nginx) where it landed
+                record.served_by = payload["p2psched"].get("served_by", "")
+                record.origin = payload["p2psched"].get("origin", record.origin)
         record.finish_s = time.monotonic() - t0
     except (aiohttp.ClientError, TimeoutError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"
@@ -150,7 +165,9 @@ async def _drive(cluster: Cluster, mode: str, items: list[Item], setup: Setup, p
             await _stream(session, url or cluster.nodes[node_index].url, item, record, t0)
             progress.advance(task)
 
-        if mode != "oracle":
+        if mode == "fastdeploy":
+            await _fastdeploy(cluster, items, setup, t0, records, session, lambda: progress.advance(task))
+        elif mode != "oracle":
             async def send(item: Item) -> None:
                 await asyncio.sleep(max(0.0, t0 + item.arrival_s - time.monotonic()))
                 await one(item, item.node, door)
@@ -159,6 +176,67 @@ async def _drive(cluster: Cluster, mode: str, items: list[Item], setup: Setup, p
         else:
             await _oracle(items, setup, t0, one)
     return [records[item.index] for item in items]
+
+
+def _node_engine(session: aiohttp.ClientSession, url: str) -> Engine:
+    """A FastDeploy scheduler's engine: its node, one streamed completion per request."""
+    async def run(raw: dict[str, Any]) -> AsyncIterator[Chunk]:
+        body = {key: raw[key] for key in ("prompt", "max_tokens", "seed", "stream", "ignore_eos", "return_token_ids")}
+        async for payload in _chunks(session, url, body):
+            if "error" in payload:
+                yield Chunk(0, True, str(payload["error"].get("message", "error")))
+                return
+            choice = payload["choices"][0]
+            finished = choice.get("finish_reason") is not None
+            yield Chunk(len(choice.get("token_ids") or []), finished)
+            if finished:
+                return
+        yield Chunk(0, True, "the stream ended without a finish reason")
+    return run
+
+
+async def _fastdeploy(cluster: Cluster, items: list[Item], setup: Setup, t0: float,
+                      records: dict[int, RequestRecord], session: aiohttp.ClientSession,
+                      advance: Callable[[], None]) -> None:
+    """Each item to its origin's FastDeploy scheduler; its record fills as its origin's client
+    would see the results (a stolen request's after their trip through Redis)."""
+    config = FdConfig(min_load_score=setup.min_load_score, max_num_seqs=setup.max_num_seqs)
+    schedulers = [FdScheduler(node.name, cluster.redis.url, config, _node_engine(session, node.url),
+                              random.Random(f"{setup.seed}-{i}")) for i, node in enumerate(cluster.nodes)]
+    for scheduler in schedulers:
+        await scheduler.start()
+    loop = asyncio.get_running_loop()
+
+    async def send(item: Item) -> None:
+        await asyncio.sleep(max(0.0, t0 + item.arrival_s - time.monotonic()))
+        record = records[item.index]
+        done: asyncio.Future[None] = loop.create_future()
+
+        def sink(event: Event) -> None:
+            now = time.monotonic() - t0
+            if event["n"]:
+                record.token_times.append(now)
+                record.num_tokens += event["n"]
+            if event["done"] and not done.done():
+                record.served_by = event["by"]
+                if event["error"]:
+                    record.error = event["error"]
+                else:
+                    record.finish_s = now
+                done.set_result(None)
+
+        await schedulers[item.node].put_request(f"req-{item.index}", _body(item), sink)
+        try:
+            await asyncio.wait_for(done, 900)
+        except TimeoutError:
+            record.error = "no result within 900 s (lost)"
+        advance()
+
+    try:
+        await asyncio.gather(*(send(item) for item in items))
+    finally:
+        for scheduler in schedulers:
+            await scheduler.close()
 
 
 async def _oracle(items: list[Item], setup: Setup, t0: float, one: Any) -> None:
@@ -269,7 +347,7 @@ def run_mode(mode: str, items: list[Item], setup: Setup, progress: Progress, log
                  per_node_args=setup.per_node_args()) as cluster:
         before = _redis_commands(cluster.redis.port)
         started = time.monotonic()
-        if front == "nginx" and mode != "oracle":  # the oracle is its own front door
+        if front == "nginx" and mode in ("local", "global"):  # the oracle and FastDeploy's schedulers place requests themselves
             with Nginx([n.port for n in cluster.nodes], log_dir / mode / "nginx") as nginx:
                 records = asyncio.run(_drive(cluster, mode, items, setup, progress, nginx.url))
         else:
@@ -393,11 +471,11 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_mode(mode, items, setup, progress, out / "logs", args.front))
     spec = setup.cluster_spec()
     table = Table(title="balance bench: real node processes (sim engine), and the simulator on the same items")
-    for column in ["mode", "run", *HEADER, "stolen", "Redis cmd/s/node"]:
+    extra = ["stolen", "Redis cmd/s/node", "Redis cmd/req", "Redis cmd/1k tok"]
+    for column in ["mode", "run", *HEADER, *extra]:
         table.add_column(column, justify="right")
     results: dict[str, Any] = {"setup": dataclasses.asdict(setup), "capacity_rps": capacity, "modes": {}}
-    lines = ["| mode | run | " + " | ".join(HEADER) + " | stolen | Redis cmd/s/node |",
-             "|" + "---|" * (len(HEADER) + 4)]
+    lines = ["| mode | run | " + " | ".join(HEADER + extra) + " |", "|" + "---|" * (len(HEADER) + len(extra) + 2)]
     for run in runs:
         real = summarize(run.records)
         # The twin runs at the step time the real nodes showed (their per-step overhead, a few
@@ -405,15 +483,19 @@ def main(argv: list[str] | None = None) -> int:
         step_ms = real["tpot"]["mean"] * 1000
         twin = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, decode_step_ms=step_ms))
         simulated = simulate(twin, run.mode, items)  # type: ignore[arg-type]
-        redis_rate = run.redis_commands / max(run.wall_s, 1e-9) / setup.nodes
-        for label, summary, rate in (("real", real, redis_rate),
-                                     ("sim", simulated.summary, simulated.summary["redis_commands_per_s_per_node"])):
-            stolen = summary["served_elsewhere"] if run.mode == "global" else 0  # oracle: the client placed them
-            cells = [run.mode, label, *_row(summary), str(stolen), f"{rate:.1f}"]
+        rows = [("real", real, run.redis_commands, run.wall_s),
+                ("sim", simulated.summary, simulated.counters.redis_commands, simulated.summary["sim_time_s"])]
+        for label, summary, commands, seconds in rows:
+            stolen = summary["served_elsewhere"] if run.mode in ("global", "fastdeploy") else 0  # oracle: the client placed them
+            tokens = sum(r.num_tokens for r in run.records if r.ok)
+            cells = [run.mode, label, *_row(summary), str(stolen),
+                     f"{commands / max(seconds, 1e-9) / setup.nodes:.1f}",
+                     f"{commands / max(1, summary['completed']):.1f}", f"{commands / max(1, tokens) * 1000:.0f}"]
             table.add_row(*cells)
             lines.append("| " + " | ".join(cells) + " |")
-        results["modes"][run.mode] = {"real": real, "sim": simulated.summary, "redis_commands": run.redis_commands,
-                                      "wall_s": run.wall_s, "node_stats": run.node_stats,
+        results["modes"][run.mode] = {"real": real, "sim": simulated.summary,
+                                      "redis_commands": run.redis_commands, "wall_s": run.wall_s,
+                                      "node_stats": run.node_stats,
                                       "records": [dataclasses.asdict(r) for r in run.records]}
     Console(width=200).print(table)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -15,6 +15,9 @@ Modes, all on the same items:
 
 - ``local``: no stealing; each node serves what the front door gave it.
 - ``global``: p2psched's work stealing, as the node does it.
+- ``fastdeploy``: FastDeploy's Redis global scheduler (``fastdeploy.py``, ``SimFastDeploy``): the
+  lists and the load set held here, every command charged a Redis round trip and counted as
+  ``INFO commandstats`` counts the real one's.
 - ``oracle``: one central queue that hands each request, in arrival order, to a node the moment
   one has a free slot (late binding, no network): the bar for waiting time.
 
@@ -31,14 +34,15 @@ import json
 import random
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from p2psched import PROTOCOL_VERSION
+from p2psched.core.balance import Balancer
 from p2psched.core.config import SimEngineConfig
 from p2psched.core.engine import EngineRequest
-from p2psched.core.balance import Balancer
 from p2psched.core.protocol import (
     MAX_COUNT,
     MAX_TASKS_PER_GRANT,
@@ -57,11 +61,12 @@ from p2psched.core.scheduler import Effects, Scheduler, SchedulerParams
 from p2psched.node import MEMBERS_EVERY, PROBE_INTERVAL_S, RECHECK_EVERY, TICK_S
 from p2psched.sim_engine import SimEngine
 
+from . import fastdeploy as fd
 from .metrics import RequestRecord, summarize
 from .workload import Item, WorkloadSpec, generate, prompt_ids, sim_capacity_rps
 
-Mode = Literal["local", "global", "oracle"]
-MODES: tuple[Mode, ...] = ("local", "global", "oracle")
+Mode = Literal["local", "global", "fastdeploy", "oracle"]
+MODES: tuple[Mode, ...] = ("local", "global", "fastdeploy", "oracle")
 MODEL = "sim"
 WARM_UP_S = 3.0  # nodes run (registered, every member read twice) this long before the first request
 
@@ -305,6 +310,7 @@ class SimCluster:
         self.finished = 0
         self.central: list[Item] = []  # oracle's queue (arrival order)
         self._central_head = 0
+        self.fd = SimFastDeploy(self) if mode == "fastdeploy" else None
 
     @property
     def is_stealing(self) -> bool:
@@ -378,11 +384,14 @@ class SimCluster:
             self.central.append(item)
             self.dispatch()
             return
+        if self.fd is not None:
+            self.fd.put(item)
+            return
         node = self.node_list[item.node]
         self._submit(node, item)
 
-    def _submit(self, node: SimNode, item: Item) -> None:
-        self.records[item.index].origin = node.node_id
+    def _submit(self, node: SimNode, item: Item, origin: str | None = None) -> None:
+        self.records[item.index].origin = origin or node.node_id
         node.sched.submit(str(item.index), prompt_ids(item, self.spec.cost.vocab_size),
                           Sampling(max_tokens=item.max_tokens, seed=item.seed), self.loop.now)
         node.apply(node.sched.admit(self.loop.now))
@@ -401,9 +410,18 @@ class SimCluster:
     def after_step(self, node: SimNode) -> None:
         if self.mode == "oracle":
             self.dispatch()
+        elif self.fd is not None:
+            self.fd.poll(node)
 
     def on_client_event(self, node: SimNode, event: Any) -> None:
         record = self.records[int(event.request_id)]
+        if self.fd is not None and record.origin != node.node_id:  # relayed to its origin through Redis
+            self.fd.relay(node, record.origin)
+            self.loop.after(self.fd.relay_delay_s, lambda: self._record(record, event))
+            return
+        self._record(record, event)
+
+    def _record(self, record: RequestRecord, event: Any) -> None:
         if event.token_ids:
             record.token_times.append(self.loop.now)
             record.num_tokens += len(event.token_ids)
@@ -428,9 +446,170 @@ class SimCluster:
             if self.is_stealing:
                 self.loop.at(offset, node.heartbeat_loop)
                 self.loop.at(offset + PROBE_INTERVAL_S / 2, node.probe_loop)
+            if self.fd is not None:
+                self.loop.at(offset, lambda node=node: self.fd.poll(node))  # type: ignore[misc, union-attr]
         last = self.items[-1].arrival_s if self.items else 0.0
         self.loop.run(lambda: self.finished >= len(self.items), horizon if horizon is not None else last + 3600.0)
         return [self.records[item.index] for item in self.items]
+
+
+class SimFastDeploy:
+    """FastDeploy's global scheduler (``fastdeploy.FdScheduler``) on the virtual clock.
+
+    Each node's insert loop, while its engine has a free slot: pop up to two half-batches from its
+    own list; else read the load set (members with at least ``min_load_score`` queued, least
+    loaded first, the first 50), sample 10, pick one at random and pop half a batch from the
+    front of its list; else block on its own list and those sampled for up to 2 s. A pop is
+    decided when the loop turn starts and takes effect after the round trips its commands cost
+    (one per command; two for a Lua-script ``ZINCRBY``, which asks ``SCRIPT EXISTS`` first).
+    Redis commands are counted as ``INFO commandstats`` counts the real scheduler's (a write with
+    its ``EXPIRE`` in a ``MULTI`` is four). A stolen request's results reach its origin one
+    ``RPUSH`` and one pop later; results of one step bound for one origin share one ``RPUSH``.
+    Not modelled: the real scheduler's batching of puts (each put here is its own two writes),
+    its idle 10 s ``BLPOP`` on the response list and its 15 s keep-alive ``SET``.
+    """
+
+    PIPELINE = 4  # MULTI, the command, EXPIRE, EXEC
+    SCRIPT_INCR = 6  # SCRIPT EXISTS, MULTI, EVALSHA, ZINCRBY (inside the script), EXPIRE, EXEC
+
+    def __init__(self, cluster: SimCluster):
+        self.cluster = cluster
+        self.loop = cluster.loop
+        self.spec = cluster.spec
+        self.rtt = 2 * self.spec.redis_latency_s
+        self.relay_delay_s = 3 * self.spec.redis_latency_s  # RPUSH, then the origin's blocked pop returns
+        self.lists: dict[str, deque[Item]] = {node.node_id: deque() for node in cluster.node_list}
+        self.load: dict[str, int] = {}  # the load sorted set (member -> queued count)
+        self.active: set[str] = set()  # nodes inside a get (a turn, or blocked)
+        self.blocked: dict[str, list[str]] = {}  # node -> the lists it BLPOPs, in blocking order
+        self.rng = random.Random(self.spec.seed)
+        self._relayed: set[tuple[str, str]] = set()  # (thief, origin) pairs relayed at _relayed_at
+        self._relayed_at = -1.0
+
+    def _count(self, commands: int) -> None:
+        if self.loop.now >= 0:
+            self.cluster.counters.redis_commands += commands
+
+    def _incr(self, name: str, amount: int) -> None:
+        self.load[name] = self.load.get(name, 0) + amount
+        if self.load[name] == 0:
+            del self.load[name]
+            self._count(1)  # the script's ZREM
+
+    # -- put: RPUSH and ZINCRBY at the origin
+    def put(self, item: Item) -> None:
+        origin = f"node{item.node}"
+        self._count(self.PIPELINE + self.SCRIPT_INCR)
+
+        def land() -> None:
+            self.lists[origin].append(item)
+            self._incr(origin, 1)
+            self._wake(origin)
+
+        self.loop.after(self.rtt, land)
+
+    def _wake(self, owner: str) -> None:
+        """A list got an element: the node blocked longest on it pops it (as BLPOP does)."""
+        for node_id, keys in self.blocked.items():
+            if owner in keys:
+                self._pop_blocked(node_id, owner)
+                return
+
+    def _pop_blocked(self, node_id: str, owner: str) -> None:
+        del self.blocked[node_id]
+        if owner != node_id:
+            self.cluster.counters.steals += 1
+            self.cluster.counters.steals_granted += 1
+            self.cluster.counters.tasks_stolen += 1
+        item = self.lists[owner].popleft()
+        self._incr(owner, -1)
+        self._count(self.SCRIPT_INCR)
+        node = self.cluster.nodes[node_id]
+        self.loop.after(self.spec.redis_latency_s + 2 * self.rtt, lambda: self._dispatch(node, [item]))
+
+    # -- get
+    def poll(self, node: SimNode) -> None:
+        """One turn of the node's insert loop, if it has a free slot and is not in one already."""
+        free = node.sched.free_slots - len(node.sched.pending)
+        if node.node_id in self.active or free <= 0:
+            return
+        self.active.add(node.node_id)
+        batch = min(free, fd.MAX_PREFILL_BATCH)
+        mini = (batch + 1) // 2
+        batches = [mini, batch - mini] if batch > mini else [mini]
+        own = self.lists[node.node_id]
+        cost, popped = 0.0, []
+        for size in batches:
+            cost += self.rtt
+            self._count(self.PIPELINE)
+            take = [own.popleft() for _ in range(min(size, len(own)))]
+            if not take:
+                break
+            cost += 2 * self.rtt
+            self._count(self.SCRIPT_INCR)
+            self._incr(node.node_id, -len(take))
+            popped += take
+        candidates: list[str] = []
+        if not popped:
+            cost += self.rtt
+            self._count(1)  # ZRANGEBYSCORE
+            ranked = sorted((score, name) for name, score in self.load.items() if score >= self.spec.min_load_score)
+            names = [name for _, name in ranked[:fd.LOAD_COUNT]]
+            if names:
+                candidates = [n for n in self.rng.sample(names, k=min(fd.SAMPLE, len(names))) if n != node.node_id]
+        if candidates:
+            lucky = self.rng.choice(candidates)
+            cost += self.rtt
+            self._count(1)  # LPOP
+            victim = self.lists[lucky]
+            take = [victim.popleft() for _ in range(min(batches[0], len(victim)))]
+            if take:
+                cost += 2 * self.rtt
+                self._count(self.SCRIPT_INCR)
+                self._incr(lucky, -len(take))
+                popped += take
+                self.cluster.counters.steals += 1
+                self.cluster.counters.steals_granted += 1
+                self.cluster.counters.tasks_stolen += len(take)
+            else:
+                cost += self.rtt
+                self._count(1)  # EXISTS (every simulated node lives)
+        if popped:
+            self.loop.after(cost, lambda: self._dispatch(node, popped))
+        else:
+            self.loop.after(cost, lambda: self._block(node, [node.node_id, *candidates]))
+
+    def _block(self, node: SimNode, keys: list[str]) -> None:
+        self._count(1)  # BLPOP
+        self.blocked[node.node_id] = keys
+        for key in keys:  # one of them has an element already: BLPOP returns it at once
+            if self.lists[key]:
+                self._pop_blocked(node.node_id, key)
+                return
+
+        def timeout() -> None:
+            if self.blocked.get(node.node_id) is keys:  # still this BLPOP (each turn's keys are a new list)
+                del self.blocked[node.node_id]
+                self.active.discard(node.node_id)
+                self.loop.after(fd.EMPTY_GET_SLEEP_S, lambda: self.poll(node))
+
+        self.loop.after(fd.BLPOP_REQUEST_TIMEOUT_S, timeout)
+
+    def _dispatch(self, node: SimNode, items: list[Item]) -> None:
+        for item in items:
+            self.cluster._submit(node, item, origin=f"node{item.node}")
+        self.active.discard(node.node_id)
+        self.poll(node)  # the insert loop goes round again at once
+
+    # -- results
+    def relay(self, node: SimNode, origin: str) -> None:
+        if self.loop.now != self._relayed_at:
+            self._relayed_at = self.loop.now
+            self._relayed.clear()
+        key = (node.node_id, origin)
+        if key not in self._relayed:  # one RPUSH per origin per step, and the origin's LPOP that takes it
+            self._relayed.add(key)
+            self._count(2 * self.PIPELINE)
 
 
 @dataclass
@@ -451,6 +630,7 @@ def simulate(spec: ClusterSpec, mode: Mode, items: list[Item]) -> RunResult:
     makespan = max(summary["makespan_s"], 1e-9)
     busy = {node.node_id: node.busy_s / makespan for node in cluster.node_list}
     duration = max((r.finish_s or 0.0) for r in records) if records else 0.0
+    summary["sim_time_s"] = duration
     summary["redis_commands_per_s_per_node"] = cluster.counters.redis_commands / max(duration, 1e-9) / spec.nodes
     summary["steals"] = cluster.counters.steals
     summary["tasks_stolen"] = cluster.counters.tasks_stolen

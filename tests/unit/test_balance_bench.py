@@ -121,3 +121,27 @@ def test_global_idle_node_takes_the_oldest_waiting_request_when_it_next_hears_of
     assert ttfts("global") == [0.02, 0.035, 0.22]
     assert [r.finish_s for r in result.records] == pytest.approx([0.2, 0.215, 0.4])
     assert (result.counters.steals_granted, result.counters.tasks_stolen) == (1, 1)
+
+
+def test_fastdeploy_idle_node_is_blind_until_its_blpop_runs_out():
+    """FastDeploy's insert loops block on their own list for 2 s when no peer had a queue as they
+    looked. Node 1 started looking at -2.975 s (its phase), found nothing, and blocks until
+    -0.975 s, then (after the 1 ms sleep of an empty get) until 1.026 s. Node 0 takes r0 at once
+    from its own list, and r1 and r2 as its one slot frees: by 1.026 s they have all started, so
+    the idle node never helps and the result is ``local``'s."""
+    result = simulate(HAND, "fastdeploy", three_at_once())
+    assert ttfts("fastdeploy") == ttfts("local") == [0.02, 0.22, 0.42]
+    assert {r.served_by for r in result.records} == {"node0"}
+    assert result.counters.tasks_stolen == 0
+    assert result.counters.redis_commands > 3 * (4 + 6)  # every put alone: RPUSH and ZINCRBY, each in a MULTI
+
+
+def test_fastdeploy_thief_takes_the_front_of_the_queue_when_it_next_looks():
+    """With 2 s requests (100 tokens) r1 and r2 still wait when node 1's BLPOP runs out at
+    1.026 s; at 1.027 s it reads the load set (node 0: 2 queued), pops one (half its one free
+    slot, rounded up) from the front: r1, the oldest, starting at 1.027 s. r2 waits for node 0."""
+    items = [Item(i, 0.0, 0, 8, 100) for i in range(3)]
+    result = simulate(HAND, "fastdeploy", items)
+    assert [r.served_by for r in result.records] == ["node0", "node1", "node0"]
+    assert [round(r.ttft or -1, 6) for r in result.records] == [0.02, 1.047, 2.02]
+    assert (result.counters.steals_granted, result.counters.tasks_stolen) == (1, 1)
