@@ -104,6 +104,7 @@ class ModeRun:
     mode: str
     records: list[RequestRecord]
     redis_commands: int
+    redis_cpu_s: float  # the Redis server's CPU time (user + system) over the run
     wall_s: float
     node_stats: dict[str, dict[str, Any]]
 
@@ -266,15 +267,18 @@ async def _oracle(items: list[Item], setup: Setup, t0: float, one: Any) -> None:
     await asyncio.gather(*tasks)
 
 
-def _redis_commands(port: int) -> int:
-    """Commands Redis has run, but for this counter's own connection (HELLO, CLIENT, INFO)."""
+def _redis_counters(port: int) -> tuple[int, float]:
+    """Commands Redis has run, but for this counter's own connection (HELLO, CLIENT, INFO), and
+    the CPU time it has used."""
     client = redis_lib.Redis(port=port)
     try:
         stats = client.info("commandstats")
+        cpu = client.info("cpu")
     finally:
         client.close()
     own = {"cmdstat_info", "cmdstat_hello", "cmdstat_client"}
-    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and k not in own)
+    commands = sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and k not in own)
+    return commands, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 class Nginx:
@@ -345,7 +349,7 @@ def run_mode(mode: str, items: list[Item], setup: Setup, progress: Progress, log
     scheduler = "global" if mode == "global" else "local"
     with Cluster(setup.nodes, setup.node_args(), scheduler_name=scheduler, log_dir=str(log_dir / mode),
                  per_node_args=setup.per_node_args()) as cluster:
-        before = _redis_commands(cluster.redis.port)
+        before, cpu_before = _redis_counters(cluster.redis.port)
         started = time.monotonic()
         if front == "nginx" and mode in ("local", "global"):  # the oracle and FastDeploy's schedulers place requests themselves
             with Nginx([n.port for n in cluster.nodes], log_dir / mode / "nginx") as nginx:
@@ -353,9 +357,11 @@ def run_mode(mode: str, items: list[Item], setup: Setup, progress: Progress, log
         else:
             records = asyncio.run(_drive(cluster, mode, items, setup, progress, None))
         wall = time.monotonic() - started
-        commands = _redis_commands(cluster.redis.port) - before
+        commands, cpu = _redis_counters(cluster.redis.port)
+        commands -= before
+        cpu -= cpu_before
         node_stats = {n.name: n.stats()["stats"] for n in cluster.nodes}
-    return ModeRun(mode, records, commands, wall, node_stats)
+    return ModeRun(mode, records, commands, cpu, wall, node_stats)
 
 
 def _row(summary: dict[str, Any]) -> list[str]:
@@ -471,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_mode(mode, items, setup, progress, out / "logs", args.front))
     spec = setup.cluster_spec()
     table = Table(title="balance bench: real node processes (sim engine), and the simulator on the same items")
-    extra = ["stolen", "Redis cmd/s/node", "Redis cmd/req", "Redis cmd/1k tok"]
+    extra = ["stolen", "Redis cmd/s/node", "Redis cmd/req", "Redis cmd/1k tok", "Redis CPU %"]
     for column in ["mode", "run", *HEADER, *extra]:
         table.add_column(column, justify="right")
     results: dict[str, Any] = {"setup": dataclasses.asdict(setup), "capacity_rps": capacity, "modes": {}}
@@ -483,18 +489,19 @@ def main(argv: list[str] | None = None) -> int:
         step_ms = real["tpot"]["mean"] * 1000
         twin = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, decode_step_ms=step_ms))
         simulated = simulate(twin, run.mode, items)  # type: ignore[arg-type]
-        rows = [("real", real, run.redis_commands, run.wall_s),
-                ("sim", simulated.summary, simulated.counters.redis_commands, simulated.summary["sim_time_s"])]
-        for label, summary, commands, seconds in rows:
+        rows = [("real", real, run.redis_commands, run.wall_s, f"{100 * run.redis_cpu_s / max(run.wall_s, 1e-9):.1f}"),
+                ("sim", simulated.summary, simulated.counters.redis_commands, simulated.summary["sim_time_s"], "")]
+        for label, summary, commands, seconds, cpu in rows:
             stolen = summary["served_elsewhere"] if run.mode in ("global", "fastdeploy") else 0  # oracle: the client placed them
             tokens = sum(r.num_tokens for r in run.records if r.ok)
             cells = [run.mode, label, *_row(summary), str(stolen),
                      f"{commands / max(seconds, 1e-9) / setup.nodes:.1f}",
-                     f"{commands / max(1, summary['completed']):.1f}", f"{commands / max(1, tokens) * 1000:.0f}"]
+                     f"{commands / max(1, summary['completed']):.1f}", f"{commands / max(1, tokens) * 1000:.0f}", cpu]
             table.add_row(*cells)
             lines.append("| " + " | ".join(cells) + " |")
         results["modes"][run.mode] = {"real": real, "sim": simulated.summary,
-                                      "redis_commands": run.redis_commands, "wall_s": run.wall_s,
+                                      "redis_commands": run.redis_commands, "redis_cpu_s": run.redis_cpu_s,
+                                      "wall_s": run.wall_s,
                                       "node_stats": run.node_stats,
                                       "records": [dataclasses.asdict(r) for r in run.records]}
     Console(width=200).print(table)
