@@ -85,8 +85,6 @@ class _NodeCollector:
                       s.send_budget_refusals)
         yield counter("p2psched_load_probes_sent", "Queue probes sent to peers (how long their queues are, and how old)",
                       s.probes_sent)
-        yield counter("p2psched_load_offers_sent", "Recent probes answered again because this node's queue grew",
-                      s.offers_sent)
         yield gauge("p2psched_send_queue_bytes", "Bytes handed to ZeroMQ that peers have not taken yet",
                     node.queued_send_bytes)
         yield counter("p2psched_engine_busy_seconds", "Time the engine spent in steps", s.busy_s)

@@ -79,8 +79,6 @@ log = logging.getLogger(__name__)
 TICK_S = 0.05
 PROBE_INTERVAL_S = 0.02  # each round asks a few random peers how long their queues are, and how old
 PEER_REFRESH_MIN_GAP_S = 0.5  # calls from unknown peers re-read the members at most this often
-OFFER_WINDOW_S = 0.05  # a peer that probed us this recently could steal: our queue's growth is news to it
-OFFER_FANOUT = 3  # at most this many such peers told per queued request
 SUSPECT_AFTER_PROBES = 20  # probes a peer left unanswered in a row before its record is read again
 MEMBERS_EVERY = 2  # heartbeats per read of the member list (sooner when an unknown peer calls)
 RECHECK_EVERY = 4  # member-list reads per record read again, in turn (to prune expired members)
@@ -138,7 +136,6 @@ class Node:
         self._records: dict[str, NodeRecord] = {}  # the registry's members, as last read
         self._suspects: set[str] = set()  # peers that stopped answering: their records are read again
         self._unanswered: dict[str, int] = {}  # peer -> probes sent since its last report
-        self._hungry: dict[str, tuple[bytes, str, float]] = {}  # peer -> (route, probe id, when) of its last probe
         self._recheck_turn = 0
         self._wake_stealer = asyncio.Event()
         self._refresh_soon = asyncio.Event()
@@ -159,29 +156,8 @@ class Node:
         handle = Handle(request, asyncio.Queue())
         self._handles[request_id] = handle
         self._apply(self.scheduler.admit(time.time()))
-        self._offer_queue()
         self._wake_stealer_if_idle()
         return handle
-
-    def _offer_queue(self) -> None:
-        """A request queued here: the peers that probed us lately (they probe only while they
-        could steal) get a fresh answer to their last probe now, rather than news of it at their
-        next probe round. Each probe is answered again at most once."""
-        if not self._hungry or not self.scheduler.pending:
-            return
-        now = time.monotonic()
-        self._hungry = {n: h for n, h in self._hungry.items() if now - h[2] <= OFFER_WINDOW_S}
-        latest = sorted(self._hungry, key=lambda n: self._hungry[n][2], reverse=True)[:OFFER_FANOUT]
-        for node_id in latest:
-            route, probe_id, _ = self._hungry.pop(node_id)
-            if self._send_router(self._steal_sock, route, self._load_report(probe_id)):
-                self.stats.offers_sent += 1
-
-    def _load_report(self, probe_id: str) -> LoadReport:
-        load = self.scheduler.load()
-        grantable, waited = self.scheduler.queue_report(time.time())
-        return LoadReport(PROTOCOL_VERSION, probe_id, self.node_id, load["pending"], load["pending_tokens"],
-                          load["running"], waited, grantable)
 
     def cancel(self, request_id: str) -> None:
         """The client went away: stop the request wherever it runs."""
@@ -467,8 +443,10 @@ class Node:
             if message.thief_id not in self.peers:  # not a member we know (yet): look again soon
                 self._refresh_soon.set()
                 return None
-            self._hungry[message.thief_id] = (peer, message.probe_id, time.monotonic())
-            return encode(self._load_report(message.probe_id))
+            load = self.scheduler.load()
+            grantable, waited = self.scheduler.queue_report(time.time())
+            return encode(LoadReport(PROTOCOL_VERSION, message.probe_id, self.node_id, load["pending"],
+                                     load["pending_tokens"], load["running"], waited, grantable))
         cached = self._grants.replay(message.thief_id, message.steal_id)
         if cached is not None:
             return cached  # a repeated steal id gets the same grant
@@ -592,7 +570,6 @@ class Node:
             self._known_keys.popitem(last=False)
         self.peers = peers
         self._unanswered = {node_id: n for node_id, n in self._unanswered.items() if node_id in peers}
-        self._hungry = {node_id: h for node_id, h in self._hungry.items() if node_id in peers}
         self.balancer.set_members(p.node_id for p in peers.values() if p.model_id == self.engine.model_id)
         self._links.prune(set(peers) | self.scheduler.remote.origins())
 

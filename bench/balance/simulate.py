@@ -8,8 +8,7 @@ nodes go through a simulated network (one-way latency, optional loss; as objects
 format is tested elsewhere); every heartbeat a node writes its record and reads who the members
 are; while it could steal (a free slot, or a queue of its own) it probes a few random peers
 every probe interval; its stealer wakes on every report, grant and step and sends one steal at
-a time while the balancer names a peer with older work; a node whose queue grows answers the
-latest probes it had again (``offer``); a ticker runs the scheduler's timers.
+a time while the balancer names a peer with older work; a ticker runs the scheduler's timers.
 The timing constants are the node's own (``p2psched.node``).
 
 Modes, all on the same items:
@@ -59,7 +58,7 @@ from p2psched.core.protocol import (
     Tokens,
 )
 from p2psched.core.scheduler import Effects, Scheduler, SchedulerParams
-from p2psched.node import MEMBERS_EVERY, OFFER_FANOUT, OFFER_WINDOW_S, PROBE_INTERVAL_S, RECHECK_EVERY, TICK_S
+from p2psched.node import MEMBERS_EVERY, PROBE_INTERVAL_S, RECHECK_EVERY, TICK_S
 from p2psched.sim_engine import SimEngine
 
 from . import fastdeploy as fd
@@ -155,7 +154,6 @@ class SimNode:
         self.heartbeats = 0
         self.in_round = False
         self.round_scheduled = False
-        self.hungry: dict[str, float] = {}  # peer -> when it last probed us (it could steal then)
 
     # ---- engine ----
 
@@ -374,7 +372,6 @@ class SimCluster:
                 return
 
         def at_dest() -> None:
-            dest.hungry[src.node_id] = self.loop.now
             grantable, waited = dest.sched.queue_report(self.loop.now)
             self.loop.after(self.spec.latency_s, lambda: src.heard(dest.node_id, grantable, waited))
 
@@ -398,27 +395,6 @@ class SimCluster:
         node.sched.submit(str(item.index), prompt_ids(item, self.spec.cost.vocab_size),
                           Sampling(max_tokens=item.max_tokens, seed=item.seed), self.loop.now)
         node.apply(node.sched.admit(self.loop.now))
-        if self.is_stealing and node.sched.pending:
-            self.offer(node)
-
-    def offer(self, node: SimNode) -> None:
-        """As the node's ``_offer_queue``: the peers that probed it within ``OFFER_WINDOW_S`` (the
-        latest ``OFFER_FANOUT``) hear how its queue looks now; each probe is answered again once."""
-        now = self.loop.now
-        node.hungry = {p: t for p, t in node.hungry.items() if now - t <= OFFER_WINDOW_S}
-        latest = sorted(node.hungry, key=lambda p: node.hungry[p], reverse=True)[:OFFER_FANOUT]
-        if not latest:
-            return
-        grantable, waited = node.sched.queue_report(now)
-        for peer_id in latest:
-            del node.hungry[peer_id]
-            self.counters.messages += 1
-            if self.spec.loss and self.rng.random() < self.spec.loss:
-                self.counters.messages_lost += 1
-                continue
-            peer = self.nodes[peer_id]
-            self.loop.after(self.spec.latency_s,
-                            lambda peer=peer: peer.heard(node.node_id, grantable, waited))  # type: ignore[misc]
 
     def dispatch(self) -> None:
         """Oracle: the queue's head to any node with a free slot, until none has one."""

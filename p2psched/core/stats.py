@@ -43,7 +43,6 @@ class Stats:
     sends_failed: int = 0  # a send refused at once (peer gone, its byte budget spent)
     send_budget_refusals: int = 0  # of those, refused because the peer's queued bytes hit the budget
     probes_sent: int = 0  # queue probes sent to peers (balance.py)
-    offers_sent: int = 0  # probes answered again because our queue grew (node._offer_queue)
     busy_s: float = 0.0  # engine time spent in steps
     malformed: Counter[str] = field(default_factory=Counter)  # socket name -> frames dropped
     unauthorized: Counter[str] = field(default_factory=Counter)  # socket name -> messages refused (who sent them)

@@ -110,32 +110,17 @@ def test_oracle_starts_two_at_once_and_the_third_when_a_slot_frees():
     assert [r.finish_s for r in result.records] == pytest.approx([0.2, 0.2, 0.4])
 
 
-def test_global_idle_node_takes_the_oldest_waiting_request_when_it_is_offered():
+def test_global_idle_node_takes_the_oldest_waiting_request_when_it_next_hears_of_it():
     """Node 1 is idle and asks node 0 how its queue looks every 20 ms; its probe rounds fall at
-    t = -5 ms and 15 ms (phases set by the warm-up and the node index). At t = 0 r0 starts on
-    node 0 and r1 queues there: node 0 answers node 1's probe of -5 ms again at once (within
-    the 50 ms offer window), and node 1 steals r1 and starts it at once, as the pooled queue
-    would. The offer spent that probe, so r2's queueing tells node 1 nothing new; its 15 ms
-    probe finds r2 but node 1 has no free slot. r2 starts on node 0 when r0 ends."""
+    t = 15 ms (phases set by the warm-up and the node index). Node 0's queue then holds r1 and
+    r2 (r0 runs): node 1 steals the oldest, r1, and runs it from 15 ms; r2 starts on node 0
+    when r0 ends. A pooled queue would have started r1 at once: the 15 ms is the cost of
+    hearing about it."""
     result = simulate(HAND, "global", three_at_once())
     assert [r.served_by for r in result.records] == ["node0", "node1", "node0"]
-    assert ttfts("global") == ttfts("oracle") == [0.02, 0.02, 0.22]
-    assert [r.finish_s for r in result.records] == pytest.approx([0.2, 0.2, 0.4])
+    assert ttfts("global") == [0.02, 0.035, 0.22]
+    assert [r.finish_s for r in result.records] == pytest.approx([0.2, 0.215, 0.4])
     assert (result.counters.steals_granted, result.counters.tasks_stolen) == (1, 1)
-
-
-def test_without_a_recent_probe_there_is_no_offer_and_the_thief_waits_for_its_next_round():
-    """The same three requests at t = 80 ms: node 1 last probed at 75 ms, within the 50 ms
-    window, so r1 is offered and starts at once. With a 1 ms window that probe is too old: no
-    offer, and node 1 hears of r1 at its next round, 95 ms (TTFT 15 ms + one step)."""
-    items = [Item(i, 0.08, 0, 8, 10) for i in range(3)]
-    result = simulate(HAND, "global", items)
-    assert [round(r.ttft or -1, 6) for r in result.records] == [0.02, 0.02, 0.22]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("bench.balance.simulate.OFFER_WINDOW_S", 0.001)
-        late = simulate(HAND, "global", items)
-    assert [r.served_by for r in late.records] == ["node0", "node1", "node0"]
-    assert [round(r.ttft or -1, 6) for r in late.records] == [0.02, 0.035, 0.22]
 
 
 def test_fastdeploy_idle_node_is_blind_until_its_blpop_runs_out():
