@@ -61,7 +61,8 @@ def test_a_node_blocked_on_its_own_list_does_not_see_a_peer_queue_for_two_second
         loop = asyncio.get_running_loop()
         started = loop.time()
         get = asyncio.create_task(idle.get_requests(1))  # nobody queued: it blocks on its own list only
-        await asyncio.sleep(0.2)
+        while not any(c["cmd"] == "blpop" for c in await busy.client.client_list()):
+            await asyncio.sleep(0.01)
         await _queue(busy, 2)  # a peer queues while it is blocked
         assert await get == []  # the BLPOP ran out without it
         assert loop.time() - started >= BLPOP_REQUEST_TIMEOUT_S - 0.05
