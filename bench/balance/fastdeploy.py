@@ -37,6 +37,7 @@ decision is this scheduler's.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import json
 import logging
 import random
@@ -163,7 +164,8 @@ class FdScheduler:
         while not await self.client.set(self._ins(name), "", ex=int(KEEP_ALIVE_S), nx=True):
             name, count = f"{self.name}:{count}", count + 1
         self.name = name
-        self.shard = 0 if self.cfg.load_shards_num == 1 else hash(name) % self.cfg.load_shards_num
+        # FastDeploy's shard: CRC16-CCITT (init 0xFFFF) of the name; Python's hash() differs per process
+        self.shard = binascii.crc_hqx(name.encode(), 0xFFFF) % self.cfg.load_shards_num
         await self.client.set(self._ins(name), self.load_table(), ex=int(KEEP_ALIVE_S))
         for loop in (self._keep_alive, self._put_worker, self._insert_loop, self._relay_worker, self._results_worker):
             self._tasks.append(asyncio.create_task(self._forever(loop), name=f"fd-{loop.__name__}-{name}"))

@@ -491,9 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         simulated = simulate(twin, run.mode, items)  # type: ignore[arg-type]
         rows = [("real", real, run.redis_commands, run.wall_s, f"{100 * run.redis_cpu_s / max(run.wall_s, 1e-9):.1f}"),
                 ("sim", simulated.summary, simulated.counters.redis_commands, simulated.summary["sim_time_s"], "")]
+        tokens = sum(r.num_tokens for r in run.records if r.ok)
         for label, summary, commands, seconds, cpu in rows:
             stolen = summary["served_elsewhere"] if run.mode in ("global", "fastdeploy") else 0  # oracle: the client placed them
-            tokens = sum(r.num_tokens for r in run.records if r.ok)
             cells = [run.mode, label, *_row(summary), str(stolen),
                      f"{commands / max(seconds, 1e-9) / setup.nodes:.1f}",
                      f"{commands / max(1, summary['completed']):.1f}", f"{commands / max(1, tokens) * 1000:.0f}", cpu]
