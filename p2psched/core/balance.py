@@ -51,8 +51,11 @@ class StealPlan:
 
 class Balancer:
     def __init__(self, node_id: str, rng: random.Random, margin_s: float = 0.1, fanout: int = 3,
-                 max_age_s: float = 1.0, min_queue: int = 1):
+                 max_age_s: float = 1.0, min_queue: int = 1, freeing_margin_s: float = 0.0,
+                 announced_margin_s: float = 0.3):
         self.node_id = node_id
+        self.freeing_margin_s = freeing_margin_s
+        self.announced_margin_s = announced_margin_s
         self.min_queue = min_queue  # --scheduler-min-load-score: a victim has at least this many to give
         self.margin_s = margin_s
         self.fanout = fanout
@@ -105,7 +108,7 @@ class Balancer:
     # ---- the decision ----
 
     def plan(self, now: float, free_slots: int, free_kv_tokens: int, queued: int, own_oldest_waited_s: float,
-             max_kv_tokens: int) -> StealPlan | None:
+             max_kv_tokens: int, freeing: int = 0, announced_share: float = 0.0) -> StealPlan | None:
         """The steal to send now, or None.
 
         With a free slot and an empty queue: up to ``free_slots`` requests, any age, from the
@@ -115,8 +118,11 @@ class Balancer:
         queued: no steal (work taken now would only wait here instead of there)."""
         if queued == 0 and free_slots > 0 and free_kv_tokens > 0:
             threshold, max_requests, max_tokens = 0.0, free_slots, free_kv_tokens
+        elif queued > 0 and freeing > 0:
+            threshold, max_requests, max_tokens = own_oldest_waited_s + self.freeing_margin_s, 1, max_kv_tokens
         elif queued > 0:  # one at a time: a request queued here is pinned here, so commit little
-            threshold, max_requests, max_tokens = own_oldest_waited_s + self.margin_s, 1, max_kv_tokens
+            margin = self.margin_s + (self.announced_margin_s - self.margin_s) * min(1.0, max(0.0, announced_share))
+            threshold, max_requests, max_tokens = own_oldest_waited_s + margin, 1, max_kv_tokens
         else:
             return None
         best: tuple[float, float, str] | None = None

@@ -66,6 +66,7 @@ from .thief import RemoteTasks
 log = logging.getLogger(__name__)
 
 GRANT_OVERHEAD_BYTES = 1024  # a grant's own fields, beside its tasks
+ANNOUNCED_WEIGHT = 0.05  # weight of each end in ``announced_share`` (a moving average of about 20)
 
 
 
@@ -123,6 +124,7 @@ class Scheduler:
         self.remote = RemoteTasks()
         self.is_accepting_steals = True
         self._reserved_tokens = 0
+        self.announced_share = 0.0  # of recent ends, the share announced a step ahead (by max_tokens)
         self._last_heartbeat = 0.0
         self._deadlines: list[tuple[float, str]] = []  # heap of own requests' deadlines
 
@@ -131,6 +133,12 @@ class Scheduler:
     @property
     def free_slots(self) -> int:
         return self.params.limits.max_num_seqs - len(self.running)
+
+    @property
+    def slots_freeing(self) -> int:
+        """Running requests that end with the step now running (one token left of their
+        ``max_tokens``): slots that free at its end. Requests that stop on EOS free theirs unannounced."""
+        return sum(1 for request in self.running.values() if request.remaining_tokens <= 1)
 
     @property
     def free_kv_tokens(self) -> int:
@@ -159,7 +167,8 @@ class Scheduler:
             return None
         limits = self.params.limits
         return balancer.plan(now, self.free_slots, self.free_kv_tokens, len(self.pending),
-                             self._waited(self.pending.head(), now), limits.max_kv_tokens)
+                             self._waited(self.pending.head(), now), limits.max_kv_tokens, self.slots_freeing,
+                             self.announced_share)
 
     @staticmethod
     def _waited(request: Request | None, now: float) -> float:
@@ -237,6 +246,9 @@ class Scheduler:
                 self._give_back(fx, request.origin_id, [request], "cannot_run")
                 continue
             request.delivered_token_ids += out.new_token_ids
+            if out.finish_reason is not None and out.finish_reason != "error":
+                announced = 1.0 if out.finish_reason == "length" else 0.0
+                self.announced_share += ANNOUNCED_WEIGHT * (announced - self.announced_share)
             if request.origin_id:
                 item = self.remote.item_for(request.request_id, out.new_token_ids, out.finish_reason, now)
                 if item is not None:

@@ -21,9 +21,10 @@ def idle(b: Balancer, now: float, free_slots: int = 3) -> StealPlan | None:
                   max_kv_tokens=9000)
 
 
-def busy(b: Balancer, now: float, own_oldest_waited_s: float) -> StealPlan | None:
+def busy(b: Balancer, now: float, own_oldest_waited_s: float, freeing: int = 0,
+         announced_share: float = 0.0) -> StealPlan | None:
     return b.plan(now, free_slots=0, free_kv_tokens=0, queued=4, own_oldest_waited_s=own_oldest_waited_s,
-                  max_kv_tokens=9000)
+                  max_kv_tokens=9000, freeing=freeing, announced_share=announced_share)
 
 
 def test_an_idle_slot_asks_the_peer_whose_oldest_waited_longest_for_anything():
@@ -39,6 +40,29 @@ def test_a_busy_node_takes_one_request_older_than_its_own_oldest_by_the_margin()
     b.heard("a", grantable=5, oldest_waited_s=0.5, now=10.0)
     assert busy(b, 10.0, own_oldest_waited_s=0.45) is None  # 50 ms older: within the margin
     assert busy(b, 10.0, own_oldest_waited_s=0.3) == StealPlan("a", 1, 9000, min_waited_s=0.4)
+
+
+def test_a_busy_node_whose_slot_frees_with_this_step_takes_anything_older_than_its_own():
+    """The stolen request lands at the head of its queue before the slot frees and starts in it,
+    as a pooled queue would start the oldest request anywhere: no margin."""
+    b = balancer()
+    b.heard("a", grantable=5, oldest_waited_s=0.5, now=10.0)
+    assert busy(b, 10.0, own_oldest_waited_s=0.45, freeing=1) == StealPlan("a", 1, 9000, min_waited_s=0.45)
+    assert busy(b, 10.0, own_oldest_waited_s=0.5, freeing=1) is None  # not older: ours goes first
+
+
+def test_when_ends_are_announced_a_busy_node_pins_only_much_older_requests():
+    """Nodes whose requests end by max_tokens see their slots free a step ahead, so a request
+    taken into the queue now (pinned there) must be older by the wider margin, 0.3 s; a node
+    whose requests end on EOS (announced share 0) keeps 0.1 s; between, in proportion."""
+    b = balancer(announced_margin_s=0.3)
+    b.heard("a", grantable=5, oldest_waited_s=0.5, now=10.0)
+    assert busy(b, 10.0, own_oldest_waited_s=0.3, announced_share=0.0) is not None  # 0.2 s older > 0.1
+    assert busy(b, 10.0, own_oldest_waited_s=0.3, announced_share=1.0) is None  # 0.2 s < 0.3
+    assert busy(b, 10.0, own_oldest_waited_s=0.3, announced_share=0.25) is not None  # margin 0.15
+    assert busy(b, 10.0, own_oldest_waited_s=0.3, announced_share=0.75) is None  # margin 0.25
+    plan = busy(b, 10.0, own_oldest_waited_s=0.15, announced_share=1.0)
+    assert plan is not None and plan.victim_id == "a" and plan.min_waited_s == pytest.approx(0.45)
 
 
 def test_a_full_node_with_nothing_queued_does_not_steal():

@@ -280,6 +280,35 @@ def test_what_a_node_asks_for_depends_on_its_slots_and_its_queue():
     assert side.sched.plan_steal(balancer, 1.5) is None  # its oldest is not 0.1 s older than ours (1.5 s)
 
 
+def test_a_slot_that_frees_with_the_running_step_lets_a_busy_node_take_any_older_request():
+    side = Side("solo")
+    balancer = Balancer("solo", random.Random(0))
+    balancer.set_members(["peer"])
+    submit(side, 0, 3)
+    submit(side, 1, 10)
+    submit(side, 2, 10)  # queued since 0.0
+    assert side.sched.slots_freeing == 0
+    side.step(0.1)
+    side.step(0.2)  # req-0 has 1 token left: its slot frees at the end of the step now running
+    assert side.sched.slots_freeing == 1
+    balancer.heard("peer", grantable=9, oldest_waited_s=0.25, now=0.2)  # older than ours (0.2 s), by less than 0.1
+    assert side.sched.plan_steal(balancer, 0.2) == StealPlan("peer", 1, 10_000, pytest.approx(0.2))
+
+
+def test_the_share_of_ends_announced_by_max_tokens_is_a_moving_average():
+    side = Side("solo")
+    assert side.sched.announced_share == 0.0
+    submit(side, 0, 1)  # ends by length
+    side.step(0.1)
+    assert side.sched.announced_share == pytest.approx(0.05)
+    first = expected_tokens(0, [7, 2, 3], 1, SIM.vocab_size)
+    side.sched.submit("stop", [7, 2, 3], Sampling(max_tokens=5, seed=0, stop_token_ids=first), 0.1)
+    side.apply(side.sched.admit(0.1))
+    side.step(0.2)  # its first token is a stop id: an end nobody saw coming
+    assert side.sched.requests.get("stop") is None
+    assert side.sched.announced_share == pytest.approx(0.05 * 0.95)
+
+
 def test_model_mismatch_and_draining_give_empty_grants():
     side = Side("victim")
     for i in range(4):
