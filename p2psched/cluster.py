@@ -129,12 +129,14 @@ class NodeProcess:
 class Cluster:
     """``node_args`` go to every node; ``per_node_args[i]``, when given, to node i only (after them),
     e.g. fixed ZeroMQ ports so a node restarted with ``restart_node`` comes back where peers dial.
-    ``http_ports`` fixes the HTTP ports (default: free ports, picked once)."""
+    ``http_ports`` fixes the HTTP ports (default: free ports, picked once). Nodes whose indexes are
+    in ``deferred`` are not started with the cluster: ``start_node`` starts one later (a node
+    joining a running cluster)."""
 
     def __init__(self, num_nodes: int, node_args: list[str] | None = None, topic: str = "default",
                  scheduler_name: str = "global", log_dir: str | None = None, redis: EmbeddedRedis | None = None,
                  start_timeout: float = 60.0, per_node_args: Sequence[Sequence[str]] | None = None,
-                 http_ports: Sequence[int] | None = None):
+                 http_ports: Sequence[int] | None = None, deferred: Sequence[int] = ()):
         if per_node_args is not None and len(per_node_args) != num_nodes:
             raise ValueError(f"per_node_args has {len(per_node_args)} entries for {num_nodes} nodes")
         if http_ports is not None and len(http_ports) != num_nodes:
@@ -153,26 +155,40 @@ class Cluster:
                     "--scheduler-topic", topic, *(node_args or []),
                     *(per_node_args[i] if per_node_args is not None else [])]
             self.nodes.append(NodeProcess(name, port, args, self.log_dir / f"{name}.log"))
+        if any(not 0 <= i < num_nodes for i in deferred):
+            raise ValueError(f"deferred names a node outside 0..{num_nodes - 1}")
+        self.deferred = set(deferred)
         self._scheduler_name = scheduler_name
         self.topic = topic
 
     def start(self, timeout: float = 60.0) -> Cluster:
         if not self.redis.is_running:
             self.redis.start()
-        for node in self.nodes:
-            node.start()
+        for i, node in enumerate(self.nodes):
+            if i not in self.deferred:
+                node.start()
         self.wait_ready(timeout)
         return self
 
+    def start_node(self, index: int, timeout: float = 60.0) -> NodeProcess:
+        """Start deferred node ``index`` and wait until it answers /health (it registers, and
+        its peers see it at their next read of the members)."""
+        node = self.nodes[index]
+        self.deferred.discard(index)
+        node.start()
+        node.wait_healthy(timeout)
+        return node
+
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Every node answers /health and, in a global cluster, sees every other node."""
+        """Every started node answers /health and, in a global cluster, sees every other one."""
         deadline = time.monotonic() + timeout
-        for node in self.nodes:
+        started = [node for i, node in enumerate(self.nodes) if i not in self.deferred]
+        for node in started:
             node.wait_healthy(max(0.0, deadline - time.monotonic()))
         if self._scheduler_name != "global":
             return
-        others = len(self.nodes) - 1
-        for node in self.nodes:
+        others = len(started) - 1
+        for node in started:
             while len(node.stats()["peers"]) < others:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{node.name} did not discover its peers within {timeout}s")

@@ -21,6 +21,20 @@ Modes, all on the same items:
 - ``oracle``: one central queue that hands each request, in arrival order, to a node the moment
   one has a free slot (late binding, no network): the bar for waiting time.
 
+Membership changes (``ClusterSpec.joins`` and ``leaves``, on the items' clock): a joining node
+does not exist before its time; then it starts as every node did at warm-up (registers, reads the
+members, starts its loops). Peers learn of it at their next member read, or half a second after
+it first calls them (they answer no probe and grant no steal to a node they do not know, as
+``p2psched.node`` does). A leaving node drains as ``Node._shutdown`` does: it grants nothing more,
+hands unstarted stolen tasks back, stops probing and stealing, deregisters (peers drop it at their
+next member read), finishes what it holds and exits. Clients of a node that has not joined yet
+wait for it (as the harness's do).
+
+Where each request's wait went is recorded as it happens (``WaitRecord``, on ``RunResult.waits``):
+for a stolen request, how long it sat before any peer heard of it, the thief's decision, the steal's
+round trip and what followed on the thief; for every request, how much of its wait passed while
+some node had a free slot. ``waits.decompose`` summarises them (``--decompose``).
+
 Hundreds of nodes and thousands of requests run in seconds (``python -m bench.balance.simulate``).
 """
 
@@ -28,9 +42,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import heapq
 import itertools
 import json
+import math
 import random
 import sys
 import time
@@ -42,7 +58,7 @@ from typing import Any, Literal
 from p2psched import PROTOCOL_VERSION
 from p2psched.core.balance import Balancer
 from p2psched.core.config import SimEngineConfig
-from p2psched.core.engine import EngineRequest
+from p2psched.core.engine import EngineOutput, EngineRequest, StepResult
 from p2psched.core.protocol import (
     MAX_COUNT,
     MAX_TASKS_PER_GRANT,
@@ -58,11 +74,18 @@ from p2psched.core.protocol import (
     Tokens,
 )
 from p2psched.core.scheduler import Effects, Scheduler, SchedulerParams
-from p2psched.node import MEMBERS_EVERY, PROBE_INTERVAL_S, RECHECK_EVERY, TICK_S
+from p2psched.node import (
+    MEMBERS_EVERY,
+    PEER_REFRESH_MIN_GAP_S,
+    PROBE_INTERVAL_S,
+    RECHECK_EVERY,
+    TICK_S,
+)
 from p2psched.sim_engine import SimEngine
 
 from . import fastdeploy as fd
 from .metrics import RequestRecord, summarize
+from .waits import WaitRecord, decompose, format_decomposition
 from .workload import Item, WorkloadSpec, generate, prompt_ids, sim_capacity_rps
 
 Mode = Literal["local", "global", "fastdeploy", "oracle"]
@@ -85,14 +108,41 @@ class ClusterSpec:
     min_load_score: int = 1
     heartbeat_interval: float = 1.0
     steal_timeout: float = 0.25
-    margin_s: float = 0.1  # a busy node steals requests older than its own oldest by this much
+    margin_s: float = 0.1  # a busy node steals requests older than its own oldest by this much (ends unannounced)
+    freeing_margin_s: float = 0.0  # ... by this much when one of its slots frees with the running step
+    announced_margin_s: float = 0.3  # ... by this much otherwise, when its requests' ends are announced
+    # outputs end on end-of-sequence: each request asks for EOS_MAX_TOKENS and stops, unannounced,
+    # after its item's length (``max_tokens`` no longer tells a scheduler when a slot frees)
+    eos: bool = False
     fanout: int = 3  # peers probed per probe round
     lease_timeout: float = 3.0
     ttl: float = 900.0
     seed: int = 0
+    # membership changes, (node index, seconds on the items' clock): a joiner does not exist before
+    # its time (``nodes`` counts it); a leaver drains from its time on, as on SIGTERM
+    joins: tuple[tuple[int, float], ...] = ()
+    leaves: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, changes in (("joins", self.joins), ("leaves", self.leaves)):
+            nodes = [n for n, _ in changes]
+            if len(set(nodes)) != len(nodes) or not all(0 <= n < self.nodes and 0 <= t < math.inf for n, t in changes):
+                raise ValueError(f"{name}: (node, time) pairs, each node at most once, nodes in 0..{self.nodes - 1}, "
+                                 f"times >= 0")
+        joined = dict(self.joins)
+        if any(n in joined and t <= joined[n] for n, t in self.leaves):
+            raise ValueError("a node leaves after it joins")
+        if len(self.leaves) >= self.nodes:
+            raise ValueError("at least one node must stay")
 
     def slowdown(self, n: int) -> float:
         return self.slowdowns[n] if n < len(self.slowdowns) else 1.0
+
+    def join_time(self, n: int) -> float | None:
+        return next((t for node, t in self.joins if node == n), None)
+
+    def leave_time(self, n: int) -> float | None:
+        return next((t for node, t in self.leaves if node == n), None)
 
 
 class Loop:
@@ -130,6 +180,61 @@ class Counters:
     steal_round_trips: list[float] = field(default_factory=list)
 
 
+@dataclass
+class NodeStats:
+    """One node's life in a run (times on the items' clock; None: never)."""
+
+    joined_s: float | None = None  # None: there from the start
+    left_s: float | None = None  # began to drain
+    gone_s: float | None = None  # exited, with nothing left to finish
+    probes_sent: int = 0
+    first_probe_s: float | None = None
+    last_probe_s: float | None = None
+    first_probed_s: float | None = None  # the first probe a peer sent it
+    last_probed_s: float | None = None  # ... and the last
+    steals_sent: int = 0
+    first_steal_s: float | None = None
+    last_steal_s: float | None = None
+
+
+@dataclass(slots=True)
+class _Trace:
+    """What the simulator saw of one request, as it happened (``WaitRecord`` is made from it)."""
+
+    idle_at_arrival: float = 0.0  # the cluster's idle-slot clock (``SimCluster.idle_clock``) then
+    admitted_s: float | None = None  # into a slot (the scheduler's running set), before its first step
+    idle_at_admission: float = 0.0
+    step_s: float | None = None  # the step that produced its first token started
+    engine_token_s: float | None = None  # ... and ended
+    ran_on: str = ""
+    noticed_s: float | None = None  # a peer first heard a report of its origin's queue made after it arrived
+    steal_sent_s: float | None = None  # the steal that took it (the last, had it been handed back)
+    grant_s: float | None = None  # the thief received that grant
+    grant_size: int = 0
+    thief: str = ""
+
+
+EOS_MAX_TOKENS = 1024  # what each request asks for when outputs end on EOS (``ClusterSpec.eos``)
+
+
+class _EosSimEngine(SimEngine):
+    """The sim engine, but a request ends (``stop``) after its item's length: an EOS no scheduler
+    saw coming."""
+
+    def __init__(self, config: SimEngineConfig, max_num_seqs: int, lengths: dict[str, int]):
+        super().__init__(config, max_num_seqs)
+        self._lengths = lengths
+
+    def advance(self) -> StepResult:
+        result = super().advance()
+        for i, out in enumerate(result.outputs):
+            seq = self._seqs.get(out.request_id)
+            if out.finish_reason is None and seq is not None and len(seq.output) >= self._lengths[out.request_id]:
+                del self._seqs[out.request_id]
+                result.outputs[i] = EngineOutput(out.request_id, out.new_token_ids, "stop")
+        return result
+
+
 class SimNode:
     """One node: its scheduler and engine, and the loops of ``p2psched.node`` around them."""
 
@@ -139,7 +244,8 @@ class SimNode:
         self.loop = cluster.loop
         self.index = index
         self.node_id = f"node{index}"
-        self.engine = SimEngine(spec.cost, spec.max_num_seqs)
+        self.engine = _EosSimEngine(spec.cost, spec.max_num_seqs, cluster.lengths) if spec.eos \
+            else SimEngine(spec.cost, spec.max_num_seqs)
         limits = self.engine.limits
         self.sched = Scheduler(SchedulerParams(self.node_id, self.node_id, MODEL, limits, spec.ttl,
                                                spec.lease_timeout, max_queue_len=1 << 30))
@@ -149,11 +255,30 @@ class SimNode:
         self.busy_s = 0.0
         # stealing (global mode)
         self.balancer = Balancer(self.node_id, random.Random(spec.seed * 1000 + index), margin_s=spec.margin_s,
-                                 fanout=spec.fanout, min_queue=spec.min_load_score)
-        self.known: set[str] = set()
+                                 fanout=spec.fanout, min_queue=spec.min_load_score,
+                                 freeing_margin_s=spec.freeing_margin_s, announced_margin_s=spec.announced_margin_s)
+        self.known: set[str] = set()  # the members as last read (ourselves too)
         self.heartbeats = 0
+        self.member_reads = 0
+        self.is_refresh_due = False  # an unknown peer called: the members are read again soon
         self.in_round = False
         self.round_scheduled = False
+        # membership
+        self.stats = NodeStats(joined_s=spec.join_time(index))
+        self.is_joined = self.stats.joined_s is None
+        self.is_draining = False
+        self.is_gone = False
+        self.held: list[Item] = []  # requests whose clients wait for this node to join
+        # wait accounting (``SimCluster``): counted among the nodes with a free slot; own requests
+        # submitted, and those no peer has heard of yet as (submitted before them, item index)
+        self.has_free_slot = False
+        self.num_submitted = 0
+        self.unnoticed: deque[tuple[int, int]] = deque()
+
+    @property
+    def is_live(self) -> bool:
+        """Joined and not draining: takes new work."""
+        return self.is_joined and not self.is_draining
 
     # ---- engine ----
 
@@ -169,6 +294,9 @@ class SimNode:
             cluster.send(self, dest, message)
         for dest, message in fx.to_thief:
             cluster.send(self, dest, message)
+        for request in fx.engine_add:
+            cluster.note_admitted(request.request_id)
+        cluster.note_slots(self)
         if cluster.is_stealing:
             self.wake_stealer()
 
@@ -178,16 +306,18 @@ class SimNode:
             self.loop.after(0.0, self._start_step)
 
     def _start_step(self) -> None:
-        for op in self.inbox:
+        inbox, self.inbox = self.inbox, []
+        for op in inbox:
             if isinstance(op, str):
                 self.engine.abort(op)
             else:
                 self.engine.add(op)
-        self.inbox = []
         if not self.engine.has_work():
             self.is_stepping = False
             return
         cost = self.engine.step_cost_s() * self.slowdown
+        if inbox:
+            self.cluster.note_steps(self, inbox, cost)
         self.loop.after(cost, lambda: self._end_step(cost))
 
     def _end_step(self, cost: float) -> None:
@@ -200,47 +330,87 @@ class SimNode:
     # ---- ticker ----
 
     def tick(self) -> None:
+        """The ticker; a draining node exits once it holds nothing (``Node._shutdown``)."""
         self.apply(self.sched.tick(self.loop.now))
+        if self.is_draining and not self.sched.requests and not len(self.sched.remote):
+            self.is_gone = True
+            self.stats.gone_s = self.loop.now
+            return
         self.loop.after(TICK_S, self.tick)
-
-
 
     # ---- registry: membership only ----
 
     def heartbeat_loop(self) -> None:
         """Every heartbeat: write our record; every ``MEMBERS_EVERY``: read the member list, the
-        records of members not seen before, and one more in turn now and then, as the node does."""
+        records of members not seen before, and one more in turn now and then, as the node does.
+        The loop ends when the node drains."""
+        if self.is_draining:
+            return
         cluster = self.cluster
         cluster.registry.add(self.node_id)
         commands = 4  # the heartbeat script, as INFO commandstats counts it (EVALSHA, HSET, PEXPIRE, ZADD)
         if self.heartbeats % MEMBERS_EVERY == 0:
-            members = set(cluster.registry)
-            commands += 1 + len(members - self.known - {self.node_id})  # ZREVRANGE, HGETALL per new member
-            commands += 1 if self.heartbeats // MEMBERS_EVERY % RECHECK_EVERY == 0 else 0  # one re-read in turn
-            self.known |= members
+            commands += self._read_members()
         self.heartbeats += 1
         if self.loop.now >= 0:  # commands while serving; each node's first read of the table is at start
             cluster.counters.redis_commands += commands
-
-        def done() -> None:
-            self.balancer.set_members(self.known)
-            self.wake_stealer()
-
-        self.loop.after(2 * cluster.spec.redis_latency_s, done)
+        self.loop.after(2 * cluster.spec.redis_latency_s, self._members_read)
         self.loop.after(cluster.spec.heartbeat_interval, self.heartbeat_loop)
+
+    def _read_members(self) -> int:
+        """Read who the members are (a deregistered node is gone from the list); the commands."""
+        members = set(self.cluster.registry)
+        commands = 1 + len(members - self.known - {self.node_id})  # ZREVRANGE, HGETALL per new member
+        commands += 1 if self.member_reads % RECHECK_EVERY == 0 else 0  # one re-read in turn
+        self.member_reads += 1
+        self.known = members
+        self.is_refresh_due = False
+        return commands
+
+    def _members_read(self) -> None:
+        self.balancer.set_members(self.known)
+        self.wake_stealer()
+
+    def refresh_soon(self) -> None:
+        """A peer we do not know called (it may have just joined): read the members again
+        ``PEER_REFRESH_MIN_GAP_S`` from now, without a heartbeat, as the node's registry loop does."""
+        if self.is_refresh_due or self.is_draining:
+            return
+        self.is_refresh_due = True
+
+        def refresh() -> None:
+            if not self.is_refresh_due or self.is_draining:
+                return  # a heartbeat's read came first
+            commands = self._read_members()
+            if self.loop.now >= 0:
+                self.cluster.counters.redis_commands += commands
+            self.loop.after(2 * self.cluster.spec.redis_latency_s, self._members_read)
+
+        self.loop.after(PEER_REFRESH_MIN_GAP_S, refresh)
+
+    def knows(self, peer: SimNode) -> bool:
+        """Whether we answer ``peer``'s probes and serve its steals: it was a member when we last
+        read (the node's ``self.peers``). During the warm-up nodes starting a tick apart answer
+        each other at once, as before membership changes were simulated (by time 0 every node has
+        read the whole table twice, so this only matters for joiners)."""
+        return peer.node_id in self.known or self.loop.now < 0
 
     # ---- probes: what the peers' queues look like ----
 
     def probe_loop(self) -> None:
-        """As the node: only a node that could steal (a free slot, or a queue) asks."""
+        """As the node: only a node that could steal (a free slot, or a queue) asks; not once it drains."""
+        if self.is_draining:
+            return
         cluster = self.cluster
         if self.sched.free_slots > 0 or self.sched.pending:
             for peer_id in self.balancer.probe_targets():
                 cluster.probe(self, cluster.nodes[peer_id])
         self.loop.after(PROBE_INTERVAL_S, self.probe_loop)
 
-    def heard(self, node_id: str, grantable: int, oldest_waited_s: float) -> None:
+    def heard(self, node_id: str, grantable: int, oldest_waited_s: float, num_submitted: int) -> None:
+        """A probe's answer: ``num_submitted``, the requests its node had been given when it answered."""
         self.balancer.heard(node_id, grantable, oldest_waited_s, self.loop.now)
+        self.cluster.note_report(node_id, grantable, num_submitted)
         self.wake_stealer()
 
     # ---- stealer ----
@@ -252,7 +422,7 @@ class SimNode:
 
     def _round(self) -> None:
         self.round_scheduled = False
-        if self.in_round:
+        if self.in_round or self.is_draining:
             return
         plan = self.sched.plan_steal(self.balancer, self.loop.now)
         if plan is None:
@@ -264,13 +434,21 @@ class SimNode:
                       min(plan.max_tokens, MAX_COUNT), self.engine.limits.max_model_len, plan.min_waited_s)
         cluster.counters.steals += 1
         sent_at = self.loop.now
+        stats = self.stats
+        stats.steals_sent += 1
+        stats.first_steal_s = sent_at if stats.first_steal_s is None else stats.first_steal_s
+        stats.last_steal_s = sent_at
         answered = [False]
 
-        def on_grant(grant: Grant) -> None:
+        def on_grant(grant: Grant, num_submitted: int) -> None:
             # what the node's _on_grant does with every grant, late or not
             self.balancer.heard(plan.victim_id, grant.victim_grantable, grant.victim_oldest_waited_s, self.loop.now)
+            cluster.note_report(plan.victim_id, grant.victim_grantable, num_submitted)
             if grant.tasks:
                 self.apply(self.sched.on_grant(grant, self.loop.now))
+                for task in grant.tasks:
+                    if task.request_id in self.sched.requests:  # taken, not handed straight back
+                        cluster.note_stolen(task.request_id, self, sent_at, len(grant.tasks))
             if answered[0]:
                 return  # late: the round moved on
             answered[0] = True
@@ -303,14 +481,22 @@ class SimCluster:
         self.rng = random.Random(spec.seed)
         self.ids = itertools.count()
         self.registry: set[str] = set()
+        self.lengths = {str(item.index): item.max_tokens for item in items}  # outputs, when they end on EOS
         self.node_list = [SimNode(self, n) for n in range(spec.nodes)]
         self.nodes = {node.node_id: node for node in self.node_list}
         self.items = items
         self.records = {item.index: RequestRecord(item.index, item.arrival_s, f"node{item.node}") for item in items}
+        self.traces = {item.index: _Trace() for item in items}
         self.finished = 0
         self.central: list[Item] = []  # oracle's queue (arrival order)
         self._central_head = 0
         self.fd = SimFastDeploy(self) if mode == "fastdeploy" else None
+        # the idle-slot clock: seconds so far during which some live node had a free slot
+        self.num_free_nodes = 0
+        self._idle_total = 0.0
+        self._idle_since = self.loop.now
+        for node in self.node_list:
+            self.note_slots(node)
 
     @property
     def is_stealing(self) -> bool:
@@ -320,7 +506,7 @@ class SimCluster:
 
     def send(self, src: SimNode, dest_id: str, message: Message) -> None:
         dest = self.nodes.get(dest_id)
-        if dest is None:
+        if dest is None or not dest.is_joined:
             return
         self.counters.messages += 1
         if self.spec.loss and self.rng.random() < self.spec.loss:
@@ -329,6 +515,8 @@ class SimCluster:
         self.loop.after(self.spec.latency_s, lambda: self._deliver(dest, message))
 
     def _deliver(self, dest: SimNode, message: Message) -> None:
+        if dest.is_gone:
+            return  # its sockets are closed
         sched, now = dest.sched, self.loop.now
         if isinstance(message, Tokens):
             dest.apply(sched.on_tokens(message, now))
@@ -343,7 +531,10 @@ class SimCluster:
         elif isinstance(message, Ack):
             sched.on_ack(message, now)
 
-    def rpc(self, thief: SimNode, victim: SimNode, steal: Steal, on_grant: Callable[[Grant], None]) -> None:
+    def rpc(self, thief: SimNode, victim: SimNode, steal: Steal, on_grant: Callable[[Grant, int], None]) -> None:
+        """Steal -> Grant, one round trip; ``on_grant`` also gets the requests the victim had been
+        given when it answered (for ``note_report``). A victim that exited does not answer; one that
+        does not know the thief refuses it and reads the members soon (``Node._answer_steal_socket``)."""
         lost = self.spec.loss and self.rng.random() < self.spec.loss
         self.counters.messages += 1
         if lost:
@@ -351,14 +542,22 @@ class SimCluster:
             return
 
         def at_victim() -> None:
-            grant, _ = victim.sched.on_steal(steal, self.loop.now)
+            if victim.is_gone:
+                return
+            if victim.knows(thief):
+                grant, _ = victim.sched.on_steal(steal, self.loop.now)
+            else:
+                grant, _ = victim.sched.refuse_steal(steal, "unknown_peer")
+                victim.refresh_soon()
             if grant.tasks:
                 victim.wake_stealer()  # as the node does: its oldest is younger now
+                self.note_slots(victim)
             self.counters.messages += 1
             if self.spec.loss and self.rng.random() < self.spec.loss:
                 self.counters.messages_lost += 1
                 return
-            self.loop.after(self.spec.latency_s, lambda: on_grant(grant))
+            num_submitted = victim.num_submitted
+            self.loop.after(self.spec.latency_s, lambda: on_grant(grant, num_submitted))
 
         self.loop.after(self.spec.latency_s, at_victim)
 
@@ -371,35 +570,62 @@ class SimCluster:
                 self.counters.messages_lost += 1
                 return
 
+        src.stats.probes_sent += 1
+        src.stats.first_probe_s = self.loop.now if src.stats.first_probe_s is None else src.stats.first_probe_s
+        src.stats.last_probe_s = dest.stats.last_probed_s = self.loop.now
+        dest.stats.first_probed_s = self.loop.now if dest.stats.first_probed_s is None else dest.stats.first_probed_s
+
         def at_dest() -> None:
+            if dest.is_gone:
+                return
+            if not dest.knows(src):  # not a member it knows (yet): no answer, and it looks again soon
+                dest.refresh_soon()
+                return
             grantable, waited = dest.sched.queue_report(self.loop.now)
-            self.loop.after(self.spec.latency_s, lambda: src.heard(dest.node_id, grantable, waited))
+            num_submitted = dest.num_submitted
+            self.loop.after(self.spec.latency_s, lambda: src.heard(dest.node_id, grantable, waited, num_submitted))
 
         self.loop.after(self.spec.latency_s, at_dest)
 
     # ---- clients ----
 
     def arrive(self, item: Item) -> None:
+        self.traces[item.index].idle_at_arrival = self.idle_clock()
+        self._enter(item)
+
+    def _enter(self, item: Item) -> None:
         if self.mode == "oracle":
             self.central.append(item)
             self.dispatch()
             return
+        node = self.node_list[item.node]
+        if not node.is_joined:  # its client waits until the node is up (as the harness's does)
+            node.held.append(item)
+            return
+        if node.is_draining:  # too late: the node refuses it (``Node.submit``)
+            record = self.records[item.index]
+            record.error = "503: the server is shutting down"
+            self.finished += 1
+            return
         if self.fd is not None:
             self.fd.put(item)
             return
-        node = self.node_list[item.node]
         self._submit(node, item)
 
     def _submit(self, node: SimNode, item: Item, origin: str | None = None) -> None:
         self.records[item.index].origin = origin or node.node_id
+        if self.is_stealing:  # (only its own: the other modes submit every request where it runs)
+            node.unnoticed.append((node.num_submitted, item.index))
+            node.num_submitted += 1
         node.sched.submit(str(item.index), prompt_ids(item, self.spec.cost.vocab_size),
-                          Sampling(max_tokens=item.max_tokens, seed=item.seed), self.loop.now)
+                          Sampling(max_tokens=EOS_MAX_TOKENS if self.spec.eos else item.max_tokens, seed=item.seed),
+                          self.loop.now)
         node.apply(node.sched.admit(self.loop.now))
 
     def dispatch(self) -> None:
-        """Oracle: the queue's head to any node with a free slot, until none has one."""
+        """Oracle: the queue's head to any live node with a free slot, until none has one."""
         while self._central_head < len(self.central):
-            free = [n for n in self.node_list if n.sched.free_slots > 0 and not n.sched.pending]
+            free = [n for n in self.node_list if n.sched.free_slots > 0 and not n.sched.pending and n.is_live]
             if not free:
                 return
             node = max(free, key=lambda n: (n.sched.free_slots, -n.index))
@@ -434,21 +660,132 @@ class SimCluster:
             record.finish_s = self.loop.now
             self.finished += 1
 
+    # ---- membership ----
+
+    def join(self, node: SimNode) -> None:
+        """The node starts, as every node did at warm-up; then its waiting clients send."""
+        node.is_joined = True
+        self.note_slots(node)
+        self._start(node, self.loop.now)
+        held, node.held = node.held, []
+        for item in held:
+            self.loop.at(self.loop.now, functools.partial(self._enter, item))
+
+    def leave(self, node: SimNode) -> None:
+        """SIGTERM, as ``Node._shutdown`` handles it: grant nothing more, hand unstarted stolen
+        tasks back, stop probing and stealing (its loops see ``is_draining``), deregister, finish
+        what it holds (its ticker ends it then). FastDeploy: its insert loop stops."""
+        node.is_draining = True
+        node.stats.left_s = self.loop.now
+        node.sched.is_accepting_steals = False
+        node.apply(node.sched.hand_back_pending("draining"))
+        self.note_slots(node)
+        if self.is_stealing:
+            if self.loop.now >= 0:
+                self.counters.redis_commands += 4  # MULTI, DEL, ZREM, EXEC
+            self.loop.after(self.spec.redis_latency_s, functools.partial(self.registry.discard, node.node_id))
+        if self.fd is not None:
+            self.fd.leave(node)
+
+    def _start(self, node: SimNode, at: float) -> None:
+        self.loop.at(at, node.tick)
+        if self.is_stealing:
+            self.loop.at(at, node.heartbeat_loop)
+            self.loop.at(at + PROBE_INTERVAL_S / 2, node.probe_loop)
+        if self.fd is not None:
+            self.loop.at(at, lambda node=node: self.fd.poll(node))  # type: ignore[misc, union-attr]
+
+    # ---- where the waits go ----
+
+    def idle_clock(self) -> float:
+        """Seconds so far during which some live node had a free slot (``WaitRecord``): a
+        request's idle-slot wait is this clock's advance over its wait, O(1) per request."""
+        return self._idle_total + (self.loop.now - self._idle_since if self.num_free_nodes else 0.0)
+
+    def note_slots(self, node: SimNode) -> None:
+        """After anything that may change a node's slots or queue: keep the count of live nodes
+        with a free slot (and the idle-slot clock) current, O(1)."""
+        has_free = node.is_live and node.sched.free_slots > 0 and not node.sched.pending
+        if has_free != node.has_free_slot:
+            node.has_free_slot = has_free
+            now = self.loop.now
+            if self.num_free_nodes:
+                self._idle_total += now - self._idle_since
+            self._idle_since = now
+            self.num_free_nodes += 1 if has_free else -1
+
+    def note_admitted(self, request_id: str) -> None:
+        trace = self.traces[int(request_id)]
+        if trace.step_s is None:  # (a resumed request is admitted again after its first token)
+            trace.admitted_s = self.loop.now
+            trace.idle_at_admission = self.idle_clock()
+
+    def note_steps(self, node: SimNode, inbox: list[EngineRequest | str], cost: float) -> None:
+        """A step starts with the engine's adds in ``inbox``: their first tokens come at its end."""
+        aborted = {op for op in inbox if isinstance(op, str)}
+        for op in inbox:
+            if isinstance(op, str) or op.request_id in aborted:
+                continue
+            trace = self.traces[int(op.request_id)]
+            if trace.step_s is None:
+                trace.step_s = self.loop.now
+                trace.engine_token_s = self.loop.now + cost
+                trace.ran_on = node.node_id
+
+    def note_report(self, origin_id: str, grantable: int, num_submitted: int) -> None:
+        """A peer heard how ``origin_id``'s queue looked when it had been given ``num_submitted``
+        requests: those of them no peer had heard of are noticed now, if it had any to grant."""
+        if grantable <= 0:
+            return
+        queue = self.nodes[origin_id].unnoticed
+        while queue and queue[0][0] < num_submitted:
+            trace = self.traces[queue.popleft()[1]]
+            if trace.noticed_s is None:
+                trace.noticed_s = self.loop.now
+
+    def note_stolen(self, request_id: str, thief: SimNode, sent_at: float, grant_size: int) -> None:
+        trace = self.traces[int(request_id)]
+        trace.steal_sent_s, trace.grant_s, trace.grant_size, trace.thief = sent_at, self.loop.now, grant_size, thief.node_id
+
+    def wait_records(self) -> list[WaitRecord]:
+        out = []
+        for item in self.items:
+            record, trace = self.records[item.index], self.traces[item.index]
+            arrival, ttft = item.arrival_s, record.ttft
+            if trace.step_s is None or trace.admitted_s is None or trace.engine_token_s is None:
+                out.append(WaitRecord(item.index, record.origin, record.served_by, arrival, None, ttft, None, None,
+                                      None, None, None, 0.0))
+                continue
+            delivery = None if ttft is None else ttft - (trace.engine_token_s - arrival)
+            steal: dict[str, Any] = {}
+            if trace.grant_s is not None and trace.steal_sent_s is not None and trace.ran_on == trace.thief \
+                    and trace.thief != record.origin:
+                noticed = min(trace.noticed_s if trace.noticed_s is not None else math.inf, trace.steal_sent_s)
+                steal = {"unnoticed_s": noticed - arrival, "decide_s": trace.steal_sent_s - noticed,
+                         "round_trip_s": trace.grant_s - trace.steal_sent_s, "grant_size": trace.grant_size,
+                         "to_first_token_s": trace.engine_token_s - trace.grant_s}
+            out.append(WaitRecord(item.index, record.origin, record.served_by, arrival, trace.step_s, ttft,
+                                  trace.step_s - arrival, trace.admitted_s - arrival, trace.step_s - trace.admitted_s,
+                                  trace.engine_token_s - trace.step_s, delivery,
+                                  trace.idle_at_admission - trace.idle_at_arrival, **steal))
+        return out
+
     # ---- run ----
 
     def run(self, horizon: float | None = None) -> list[RequestRecord]:
         spec = self.spec
+        for node in self.node_list:  # first: at one instant, a node joins before it is sent requests
+            if node.stats.joined_s is not None:
+                self.loop.at(node.stats.joined_s, functools.partial(self.join, node))
+            leave = spec.leave_time(node.index)
+            if leave is not None:
+                self.loop.at(leave, functools.partial(self.leave, node))
         for item in self.items:
             self.loop.at(item.arrival_s, lambda item=item: self.arrive(item))  # type: ignore[misc]
         for node in self.node_list:
-            offset = node.index * TICK_S / max(1, spec.nodes) - WARM_UP_S  # out of phase, as real nodes are
-            self.loop.at(offset, node.tick)
-            if self.is_stealing:
-                self.loop.at(offset, node.heartbeat_loop)
-                self.loop.at(offset + PROBE_INTERVAL_S / 2, node.probe_loop)
-            if self.fd is not None:
-                self.loop.at(offset, lambda node=node: self.fd.poll(node))  # type: ignore[misc, union-attr]
-        last = self.items[-1].arrival_s if self.items else 0.0
+            if node.is_joined:
+                self._start(node, node.index * TICK_S / max(1, spec.nodes) - WARM_UP_S)  # out of phase, as real nodes are
+        last = max([self.items[-1].arrival_s if self.items else 0.0, *(t for _, t in spec.joins)])
         self.loop.run(lambda: self.finished >= len(self.items), horizon if horizon is not None else last + 3600.0)
         return [self.records[item.index] for item in self.items]
 
@@ -529,9 +866,10 @@ class SimFastDeploy:
 
     # -- get
     def poll(self, node: SimNode) -> None:
-        """One turn of the node's insert loop, if it has a free slot and is not in one already."""
+        """One turn of the node's insert loop, if it has a free slot and is not in one already
+        (and runs: from its join, until it leaves)."""
         free = node.sched.free_slots - len(node.sched.pending)
-        if node.node_id in self.active or free <= 0:
+        if node.node_id in self.active or free <= 0 or not node.is_live:
             return
         self.active.add(node.node_id)
         batch = min(free, fd.MAX_PREFILL_BATCH)
@@ -579,7 +917,16 @@ class SimFastDeploy:
         else:
             self.loop.after(cost, lambda: self._block(node, [node.node_id, *candidates]))
 
+    def leave(self, node: SimNode) -> None:
+        """The node's insert loop stops (``FdScheduler.leave``): a BLPOP in place is dropped; what
+        a turn in progress popped still reaches it and runs; its list stays for the others."""
+        if self.blocked.pop(node.node_id, None) is not None:
+            self.active.discard(node.node_id)
+
     def _block(self, node: SimNode, keys: list[str]) -> None:
+        if not node.is_live:  # it left during this turn
+            self.active.discard(node.node_id)
+            return
         self._count(1)  # BLPOP
         self.blocked[node.node_id] = keys
         for key in keys:  # one of them has an element already: BLPOP returns it at once
@@ -620,12 +967,15 @@ class RunResult:
     busy_fraction: dict[str, float]
     counters: Counters
     wall_s: float
+    waits: list[WaitRecord] = field(default_factory=list)  # one per item, in the items' order
+    nodes: dict[str, NodeStats] = field(default_factory=dict)
 
 
 def simulate(spec: ClusterSpec, mode: Mode, items: list[Item]) -> RunResult:
     started = time.perf_counter()
     cluster = SimCluster(spec, mode, items)
     records = cluster.run()
+    waits = cluster.wait_records()
     summary = summarize(records)
     makespan = max(summary["makespan_s"], 1e-9)
     busy = {node.node_id: node.busy_s / makespan for node in cluster.node_list}
@@ -636,8 +986,11 @@ def simulate(spec: ClusterSpec, mode: Mode, items: list[Item]) -> RunResult:
     summary["tasks_stolen"] = cluster.counters.tasks_stolen
     trips = cluster.counters.steal_round_trips
     summary["steal_round_trip_ms_mean"] = 1000 * sum(trips) / len(trips) if trips else 0.0
-    return RunResult(mode, records, summary, busy, cluster.counters, time.perf_counter() - started)
+    return RunResult(mode, records, summary, busy, cluster.counters, time.perf_counter() - started, waits,
+                     {node.node_id: node.stats for node in cluster.node_list})
 
+
+# ---- what the waits were made of ----
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.balance.simulate",
@@ -652,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--json", default="", help="write the summaries here")
     p.add_argument("--plot", default="", help="write a PNG of p99 TTFT, mean E2EL and Redis rate by cluster size")
+    p.add_argument("--decompose", action="store_true",
+                   help="print where global's and oracle's waits went (stolen requests' parts, the slowest 1%%, "
+                        "waits beside a free slot)")
     args = p.parse_args(argv)
     out: list[dict[str, Any]] = []
     for n in args.nodes:
@@ -669,6 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"stolen {s['tasks_stolen']}  redis/s/node {s['redis_commands_per_s_per_node']:.1f}  "
                   f"({result.wall_s:.1f} s)", file=sys.stderr)
             out.append({"nodes": n, "mode": mode, "load": args.load, **s})
+            if args.decompose and mode in ("global", "oracle"):
+                print(f"\n{n} nodes, {args.load:.0%} load, {len(items)} requests\n", flush=True)
+                print("\n".join(format_decomposition(decompose(result.mode, result.waits))), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

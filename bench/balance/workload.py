@@ -37,6 +37,12 @@ class WorkloadSpec:
     long_prompt_max: int = 2048
     target: Target = "round_robin"
     seed: int = 1
+    # membership changes, at a request's index (the same for every rate): from ``join_at`` on, one
+    # more node (index = the cluster's node count) is in the front door's rotation; from
+    # ``leave_at`` on, node ``leaver`` is out of it (it drains what it has and leaves)
+    join_at: int | None = None
+    leave_at: int | None = None
+    leaver: int = 1
 
     def __post_init__(self) -> None:
         if self.num_requests < 1 or self.rate_rps <= 0:
@@ -45,6 +51,11 @@ class WorkloadSpec:
             raise ValueError("prompt lengths: 0 < min <= max, long fraction in [0, 1]")
         if self.output_alpha <= 1 or self.output_scale < 1 or self.output_cap < 1 or self.gamma_shape <= 0:
             raise ValueError("output lengths: alpha > 1, scale >= 1, cap >= 1; gamma shape > 0")
+        for at in (self.join_at, self.leave_at):
+            if at is not None and not 0 < at < self.num_requests:
+                raise ValueError("join_at and leave_at are request indexes inside the run")
+        if self.leave_at is not None and self.target == "one_node" and self.leaver == 0:
+            raise ValueError("the node every request goes to cannot leave")
 
     def at_rate(self, rate_rps: float) -> WorkloadSpec:
         return dataclasses.replace(self, rate_rps=rate_rps)
@@ -77,13 +88,32 @@ class Item:
         return self.index
 
 
+def membership(spec: WorkloadSpec, num_nodes: int, index: int) -> list[int]:
+    """The nodes in the front door's rotation when request ``index`` arrives."""
+    live = list(range(num_nodes))
+    if spec.leave_at is not None and index >= spec.leave_at:
+        live.remove(spec.leaver)
+    if spec.join_at is not None and index >= spec.join_at:
+        live.append(num_nodes)
+    return live
+
+
+def total_nodes(spec: WorkloadSpec, num_nodes: int) -> int:
+    """Node processes the run needs: ``num_nodes``, and one more when a node joins."""
+    return num_nodes + (spec.join_at is not None)
+
+
 def generate(spec: WorkloadSpec, num_nodes: int) -> list[Item]:
-    """The items of ``spec`` for a cluster of ``num_nodes`` (round-robin, like nginx's default)."""
-    if num_nodes < 1:
-        raise ValueError("at least one node")
+    """The items of ``spec`` for a cluster of ``num_nodes`` (round-robin, like nginx's default:
+    each request to the next node in rotation after the previous request's, see ``membership``)."""
+    if num_nodes < 1 or (spec.leave_at is not None and not 0 <= spec.leaver < num_nodes):
+        raise ValueError("at least one node, and the leaver one of them")
+    if spec.leave_at is not None and spec.join_at is None and num_nodes < 2:
+        raise ValueError("the only node cannot leave")
     rng = random.Random(spec.seed)
     items: list[Item] = []
     t = 0.0
+    last = -1  # the node the previous request went to
     for i in range(spec.num_requests):
         if i > 0:
             t += _gap(rng, spec)
@@ -92,7 +122,12 @@ def generate(spec: WorkloadSpec, num_nodes: int) -> list[Item]:
         else:
             prompt = rng.randint(spec.prompt_min, spec.prompt_max)
         output = min(spec.output_cap, max(1, int(spec.output_scale * rng.paretovariate(spec.output_alpha))))
-        node = i % num_nodes if spec.target == "round_robin" else 0
+        if spec.target == "round_robin":
+            live = membership(spec, num_nodes, i)  # sorted: the next in rotation after the last one
+            node = next((n for n in live if n > last), live[0])
+            last = node
+        else:
+            node = 0
         items.append(Item(i, t, node, prompt, output))
     return items
 
