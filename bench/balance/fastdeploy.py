@@ -189,6 +189,13 @@ class FdScheduler:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
 
+    async def leave(self) -> None:
+        """Take no more requests (the instance is leaving): what it runs finishes, stolen results
+        still come home, and what is left in its list waits there for its peers to take."""
+        for task in self._tasks:
+            if task.get_name().startswith("fd-_insert_loop"):
+                task.cancel()
+
     async def _keep_alive(self) -> None:
         while True:
             await asyncio.sleep(KEEP_ALIVE_S / 2)

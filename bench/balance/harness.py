@@ -15,6 +15,14 @@ records, per request, what its client saw (``metrics.RequestRecord``). Modes:
   moment some node has a free slot (the client counts each node's streams in flight against its
   ``--max-num-seqs``): the bar for waiting time. Its nodes run ``local``.
 
+Before the modes run, the harness measures the cluster's capacity (``measure_capacity``: every
+node saturated at once, its step time read off its streams) and sets the arrival rate as a
+fraction of it; ``--capacity-rps`` gives it instead. With ``--join-at`` one more node joins
+mid-run, with ``--leave-at`` node 1 leaves (SIGTERM: it drains), in every mode (``Membership``).
+Per mode the table also gives how many requests waited while some node had a free slot, and
+for how long on average, read off the trace (``metrics.idle_slot_waits``): what a perfect
+balancer would not have let happen.
+
 The same items also run through the simulator (``simulate.py``) with the same cluster and the
 step time the real nodes showed (their mean time per output token), so each real number has
 its simulated twin beside it (the simulator's large-cluster numbers are only as good as that
@@ -23,7 +31,8 @@ mode's run. Written under ``--out``: ``results.json`` (every record), ``report.m
 table), ``latency_cdf.png`` and ``timeline_<mode>.png``.
 
 The nodes share this machine's cores: with the sim engine a step costs sleep, not CPU, so
-the balance is the scheduler's; with ``--engine real`` they compete for the same cores.
+the balance is the scheduler's; with ``--engine tiny`` (the real tiny model, one torch thread
+per node, steps paced to ``--decode-step-ms``) they compete for the same cores.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import random
 import shutil
 import signal
@@ -39,7 +49,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +63,22 @@ from p2psched.cluster import Cluster
 from p2psched.redis_server import free_port
 
 from .fastdeploy import Chunk, Engine, Event, FdConfig, FdScheduler
-from .metrics import RequestRecord, summarize
+from .metrics import RequestRecord, idle_slot_waits, summarize
 from .simulate import ClusterSpec, simulate
-from .workload import Item, WorkloadSpec, generate, sim_capacity_rps
+from .workload import Item, WorkloadSpec, generate, sim_capacity_rps, total_nodes
 
 MODES = ("local", "global", "fastdeploy", "oracle")
+
+
+ENGINES = ("sim", "tiny")
+JOIN_LEAD_S = 3.0  # a joining node's process starts this long before its first request is due
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
     nodes: int = 4
     max_num_seqs: int = 8
-    decode_step_ms: float = 20.0
+    decode_step_ms: float = 20.0  # sim: the cost model's step; tiny: steps paced to at least this
     load: float = 0.9
     num_requests: int = 300
     arrival: str = "poisson"
@@ -74,29 +88,101 @@ class Setup:
     slow_factor: float = 1.0  # node 0's steps take this many times longer (heterogeneous nodes)
     long_prompt_fraction: float = 0.0  # this share of prompts is 1-2k tokens
     prefill_ms_per_token: float = 0.0  # a step lengthens by this per prompt token it prefills
+    engine: str = "sim"  # or "tiny": the real tiny model on CPU, one torch thread per node
+    join_at: float | None = None  # one more node joins after this fraction of the requests
+    leave_at: float | None = None  # node 1 leaves after this fraction of the requests
+    capacity_rps: float | None = None  # given: used as is; None: measured before the run
+
+    @property
+    def total_nodes(self) -> int:
+        return total_nodes(self.work_spec(), self.nodes)
 
     def per_node_args(self) -> list[list[str]]:
-        slow = ["--sim-decode-step-ms", str(self.decode_step_ms * self.slow_factor)] if self.slow_factor != 1 else []
-        return [slow] + [[] for _ in range(self.nodes - 1)]
+        flag = "--sim-decode-step-ms" if self.engine == "sim" else "--min-step-ms"
+        slow = [flag, str(self.decode_step_ms * self.slow_factor)] if self.slow_factor != 1 else []
+        return [slow] + [[] for _ in range(self.total_nodes - 1)]
 
     def node_args(self) -> list[str]:
-        return ["--engine", "sim", "--max-num-seqs", str(self.max_num_seqs),
-                "--sim-decode-step-ms", str(self.decode_step_ms), "--sim-decode-ms-per-seq", "0",
+        common = ["--max-num-seqs", str(self.max_num_seqs), "--scheduler-min-load-score", str(self.min_load_score)]
+        if self.engine == "tiny":
+            return ["--engine", "real", "--model", "tiny", "--cpu-threads", "1",
+                    "--min-step-ms", str(self.decode_step_ms), *common]
+        return ["--engine", "sim", "--sim-decode-step-ms", str(self.decode_step_ms), "--sim-decode-ms-per-seq", "0",
                 "--sim-decode-ms-per-kilotoken", "0", "--sim-prefill-ms-per-token", str(self.prefill_ms_per_token),
-                "--scheduler-min-load-score", str(self.min_load_score)]
+                *common]
 
     def cluster_spec(self) -> ClusterSpec:
+        """The simulator's cluster (every node, a joiner too; joins and leaves are the run's)."""
         base = ClusterSpec()
-        return ClusterSpec(nodes=self.nodes, max_num_seqs=self.max_num_seqs,
-                           cost=dataclasses.replace(base.cost, decode_step_ms=self.decode_step_ms,
-                                                    prefill_ms_per_token=self.prefill_ms_per_token),
+        cost = dataclasses.replace(base.cost, decode_step_ms=self.decode_step_ms,
+                                   prefill_ms_per_token=self.prefill_ms_per_token)
+        return ClusterSpec(nodes=self.total_nodes, max_num_seqs=self.max_num_seqs, cost=cost,
                            slowdowns=(self.slow_factor,), min_load_score=self.min_load_score, seed=self.seed)
 
-    def workload(self) -> tuple[WorkloadSpec, list[Item], float]:
-        spec = WorkloadSpec(num_requests=self.num_requests, arrival=self.arrival, seed=self.seed,  # type: ignore[arg-type]
-                            target=self.target, long_prompt_fraction=self.long_prompt_fraction)  # type: ignore[arg-type]
-        capacity = sim_capacity_rps(self.cluster_spec().cost, self.max_num_seqs, spec, self.nodes, (self.slow_factor,))
-        return spec, generate(spec.at_rate(self.load * capacity), self.nodes), capacity
+    def work_spec(self) -> WorkloadSpec:
+        def index(fraction: float | None) -> int | None:
+            return None if fraction is None else min(self.num_requests - 1, max(1, round(fraction * self.num_requests)))
+        return WorkloadSpec(num_requests=self.num_requests, arrival=self.arrival, seed=self.seed,  # type: ignore[arg-type]
+                            target=self.target, long_prompt_fraction=self.long_prompt_fraction,  # type: ignore[arg-type]
+                            join_at=index(self.join_at), leave_at=index(self.leave_at))
+
+    def workload(self, capacity: float) -> tuple[WorkloadSpec, list[Item]]:
+        """The items at ``load`` x ``capacity`` requests per second."""
+        spec = self.work_spec()
+        return spec, generate(spec.at_rate(self.load * capacity), self.nodes)
+
+    def model_capacity(self, step_ms: list[float] | None = None) -> float:
+        """Requests per second the ``nodes`` sustain with full batches, from the cost model at
+        each node's step time (default: the flags')."""
+        spec = self.work_spec()
+        total = 0.0
+        for n in range(self.nodes):
+            node_step = step_ms[n] if step_ms else self.decode_step_ms * (self.slow_factor if n == 0 else 1.0)
+            cost = dataclasses.replace(ClusterSpec().cost, decode_step_ms=node_step,
+                                       prefill_ms_per_token=self.prefill_ms_per_token)
+            total += sim_capacity_rps(cost, self.max_num_seqs, spec, 1)
+        return total
+
+
+CALIBRATION_TOKENS = 48  # output tokens per calibration request
+
+
+def measure_capacity(setup: Setup, log_dir: Path, progress: Progress) -> tuple[float, list[float]]:
+    """The cluster's capacity, measured: every node gets two full batches of requests of the
+    workload's mean prompt length at once (no stealing), all nodes together so they share the
+    machine as they will in the run; each node's step time is its requests' mean time per output
+    token, and the capacity follows from the cost model at those step times. (requests/s, step
+    ms per node)."""
+    work = setup.work_spec()
+    per_node = 2 * setup.max_num_seqs
+    task = progress.add_task("capacity", total=per_node * setup.nodes)
+    prompt_tokens = max(1, round(work.mean_prompt_tokens))
+    with Cluster(setup.nodes, setup.node_args(), scheduler_name="local", log_dir=str(log_dir / "capacity"),
+                 per_node_args=setup.per_node_args()[:setup.nodes]) as cluster:
+        items = [Item(n * per_node + k, 0.0, n, prompt_tokens, CALIBRATION_TOKENS)
+                 for n in range(setup.nodes) for k in range(per_node)]
+
+        async def go() -> list[RequestRecord]:
+            records = [RequestRecord(item.index, 0.0, cluster.nodes[item.node].name) for item in items]
+            timeout = aiohttp.ClientTimeout(total=300)
+            async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+                t0 = time.monotonic()
+
+                async def one(item: Item) -> None:
+                    await _stream(session, cluster.nodes[item.node].url, item, records[item.index], t0)
+                    progress.advance(task)
+                await asyncio.gather(*(one(item) for item in items))
+            return records
+
+        records = asyncio.run(go())
+    failed = [r for r in records if not r.ok]
+    if failed:
+        raise SystemExit(f"python -m bench: error: {len(failed)} calibration requests failed ({failed[0].error})")
+    step_ms = []
+    for n in range(setup.nodes):
+        tpots = [t for r in records if r.origin == f"node{n}" and (t := r.tpot) is not None]
+        step_ms.append(1000 * sum(tpots) / len(tpots))
+    return setup.model_capacity(step_ms), step_ms
 
 
 @dataclasses.dataclass
@@ -106,7 +192,9 @@ class ModeRun:
     redis_commands: int
     redis_cpu_s: float  # the Redis server's CPU time (user + system) over the run
     wall_s: float
-    node_stats: dict[str, dict[str, Any]]
+    node_stats: dict[str, dict[str, Any]]  # of the nodes still up at the end
+    joins: tuple[tuple[int, float], ...] = ()  # (node, seconds into the run) as they happened
+    leaves: tuple[tuple[int, float], ...] = ()
 
 
 def _prompt(item: Item) -> str:
@@ -150,15 +238,78 @@ async def _stream(session: aiohttp.ClientSession, url: str, item: Item, record: 
         record.error = f"{type(exc).__name__}: {exc}"
 
 
+class Membership:
+    """The run's membership changes, on real processes: the joining node's process starts
+    ``JOIN_LEAD_S`` before its first request is due (it registers, and the front door sends it
+    requests, once it answers /health); the leaving node gets SIGTERM when its first
+    out-of-rotation request arrives (it drains what it has and deregisters)."""
+
+    def __init__(self, cluster: Cluster, items: list[Item], setup: Setup, t0: float):
+        work = setup.work_spec()
+        self.cluster = cluster
+        self.t0 = t0
+        self.nodes = setup.nodes
+        self.joiner = setup.nodes if work.join_at is not None else None
+        self.join_due = items[work.join_at].arrival_s if work.join_at is not None else None
+        self.leaver = work.leaver if work.leave_at is not None else None
+        self.leave_s = items[work.leave_at].arrival_s if work.leave_at is not None else None
+        self.joined = asyncio.Event()
+        self.joined_s: float | None = None  # when it answered /health (registered: it may steal a poll earlier)
+        self.has_left = False
+        self.changed = asyncio.Event()
+
+    def live(self) -> list[int]:
+        """The nodes that may be given work now."""
+        live = [n for n in range(self.nodes) if not (self.has_left and n == self.leaver)]
+        return live + ([self.joiner] if self.joiner is not None and self.joined.is_set() else [])
+
+    async def ready(self, node: int) -> None:
+        if node == self.joiner:
+            await self.joined.wait()
+
+    async def run(self, on_join: Callable[[int], Awaitable[None]] | None = None,
+                  on_leave: Callable[[int], Awaitable[None]] | None = None) -> None:
+        async def join() -> None:
+            assert self.joiner is not None and self.join_due is not None
+            await asyncio.sleep(max(0.0, self.t0 + self.join_due - JOIN_LEAD_S - time.monotonic()))
+            await asyncio.to_thread(self.cluster.start_node, self.joiner)
+            if on_join is not None:
+                await on_join(self.joiner)
+            self.joined_s = time.monotonic() - self.t0
+            self.joined.set()
+            self.changed.set()
+
+        async def leave() -> None:
+            assert self.leaver is not None and self.leave_s is not None
+            await asyncio.sleep(max(0.0, self.t0 + self.leave_s - time.monotonic()))
+            self.has_left = True
+            if on_leave is not None:
+                await on_leave(self.leaver)
+            proc = self.cluster.nodes[self.leaver].proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            self.changed.set()
+
+        await asyncio.gather(*([join()] if self.joiner is not None else []),
+                             *([leave()] if self.leaver is not None else []))
+
+    def sim_changes(self) -> tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+        """(joins, leaves) for the simulator's twin, at the times they happened here."""
+        joins = ((self.joiner, self.joined_s),) if self.joiner is not None and self.joined_s is not None else ()
+        leaves = ((self.leaver, self.leave_s),) if self.leaver is not None and self.leave_s is not None else ()
+        return joins, leaves
+
+
 async def _drive(cluster: Cluster, mode: str, items: list[Item], setup: Setup, progress: Progress,
-                 door: str | None) -> list[RequestRecord]:
+                 door: str | None) -> tuple[list[RequestRecord], Membership]:
     """Send every item at its time: to ``door`` (nginx) when given, else to the node the
     item names (client-side round-robin); ``oracle`` places each itself."""
-    task = progress.add_task(f"{mode:>7}", total=len(items))
+    task = progress.add_task(f"{mode:>10}", total=len(items))
     records = {item.index: RequestRecord(item.index, item.arrival_s, cluster.nodes[item.node].name) for item in items}
     timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         t0 = time.monotonic()
+        members = Membership(cluster, items, setup, t0)
 
         async def one(item: Item, node_index: int, url: str | None = None) -> None:
             record = records[item.index]
@@ -167,16 +318,17 @@ async def _drive(cluster: Cluster, mode: str, items: list[Item], setup: Setup, p
             progress.advance(task)
 
         if mode == "fastdeploy":
-            await _fastdeploy(cluster, items, setup, t0, records, session, lambda: progress.advance(task))
+            await _fastdeploy(cluster, items, setup, t0, records, session, lambda: progress.advance(task), members)
         elif mode != "oracle":
             async def send(item: Item) -> None:
                 await asyncio.sleep(max(0.0, t0 + item.arrival_s - time.monotonic()))
+                await members.ready(item.node)
                 await one(item, item.node, door)
 
-            await asyncio.gather(*(send(item) for item in items))
+            await asyncio.gather(members.run(), *(send(item) for item in items))
         else:
-            await _oracle(items, setup, t0, one)
-    return [records[item.index] for item in items]
+            await asyncio.gather(members.run(), _oracle(items, setup, t0, one, members))
+    return [records[item.index] for item in items], members
 
 
 def _node_engine(session: aiohttp.ClientSession, url: str) -> Engine:
@@ -198,15 +350,26 @@ def _node_engine(session: aiohttp.ClientSession, url: str) -> Engine:
 
 async def _fastdeploy(cluster: Cluster, items: list[Item], setup: Setup, t0: float,
                       records: dict[int, RequestRecord], session: aiohttp.ClientSession,
-                      advance: Callable[[], None]) -> None:
+                      advance: Callable[[], None], members: Membership) -> None:
     """Each item to its origin's FastDeploy scheduler; its record fills as its origin's client
-    would see the results (a stolen request's after their trip through Redis)."""
+    would see the results (a stolen request's after their trip through Redis). A joining node's
+    scheduler starts when its node does; a leaving node's takes nothing more from Redis."""
     config = FdConfig(min_load_score=setup.min_load_score, max_num_seqs=setup.max_num_seqs)
     schedulers = [FdScheduler(node.name, cluster.redis.url, config, _node_engine(session, node.url),
                               random.Random(f"{setup.seed}-{i}")) for i, node in enumerate(cluster.nodes)]
-    for scheduler in schedulers:
-        await scheduler.start()
+    started = []
+    for i, scheduler in enumerate(schedulers):
+        if i != members.joiner:
+            await scheduler.start()
+            started.append(scheduler)
     loop = asyncio.get_running_loop()
+
+    async def on_join(node: int) -> None:
+        await schedulers[node].start()
+        started.append(schedulers[node])
+
+    async def on_leave(node: int) -> None:
+        await schedulers[node].leave()
 
     async def send(item: Item) -> None:
         await asyncio.sleep(max(0.0, t0 + item.arrival_s - time.monotonic()))
@@ -226,6 +389,7 @@ async def _fastdeploy(cluster: Cluster, items: list[Item], setup: Setup, t0: flo
                     record.finish_s = now
                 done.set_result(None)
 
+        await members.ready(item.node)
         await schedulers[item.node].put_request(f"req-{item.index}", _body(item), sink)
         try:
             await asyncio.wait_for(done, 900)
@@ -234,17 +398,16 @@ async def _fastdeploy(cluster: Cluster, items: list[Item], setup: Setup, t0: flo
         advance()
 
     try:
-        await asyncio.gather(*(send(item) for item in items))
+        await asyncio.gather(members.run(on_join, on_leave), *(send(item) for item in items))
     finally:
-        for scheduler in schedulers:
+        for scheduler in started:
             await scheduler.close()
 
 
-async def _oracle(items: list[Item], setup: Setup, t0: float, one: Any) -> None:
-    """One queue at the client: each request, in arrival order, to the node with the most free
-    slots the moment one has any."""
-    in_flight = [0] * setup.nodes
-    freed = asyncio.Event()
+async def _oracle(items: list[Item], setup: Setup, t0: float, one: Any, members: Membership) -> None:
+    """One queue at the client: each request, in arrival order, to the live node with the most
+    free slots the moment one has any."""
+    in_flight = [0] * setup.total_nodes
     tasks: list[asyncio.Task[None]] = []
 
     async def run(item: Item, node: int) -> None:
@@ -252,16 +415,16 @@ async def _oracle(items: list[Item], setup: Setup, t0: float, one: Any) -> None:
             await one(item, node)
         finally:
             in_flight[node] -= 1
-            freed.set()
+            members.changed.set()
 
     for item in items:
         await asyncio.sleep(max(0.0, t0 + item.arrival_s - time.monotonic()))
         while True:
-            node = min(range(setup.nodes), key=lambda n: (in_flight[n], n))
+            node = min(members.live(), key=lambda n: (in_flight[n], n))
             if in_flight[node] < setup.max_num_seqs:
                 break
-            freed.clear()
-            await freed.wait()
+            members.changed.clear()
+            await members.changed.wait()
         in_flight[node] += 1
         tasks.append(asyncio.create_task(run(item, node)))
     await asyncio.gather(*tasks)
@@ -347,21 +510,23 @@ http {{
 def run_mode(mode: str, items: list[Item], setup: Setup, progress: Progress, log_dir: Path,
              front: str = "client") -> ModeRun:
     scheduler = "global" if mode == "global" else "local"
-    with Cluster(setup.nodes, setup.node_args(), scheduler_name=scheduler, log_dir=str(log_dir / mode),
-                 per_node_args=setup.per_node_args()) as cluster:
+    deferred = [setup.nodes] if setup.total_nodes > setup.nodes else []
+    with Cluster(setup.total_nodes, setup.node_args(), scheduler_name=scheduler, log_dir=str(log_dir / mode),
+                 per_node_args=setup.per_node_args(), deferred=deferred) as cluster:
         before, cpu_before = _redis_counters(cluster.redis.port)
         started = time.monotonic()
         if front == "nginx" and mode in ("local", "global"):  # the oracle and FastDeploy's schedulers place requests themselves
             with Nginx([n.port for n in cluster.nodes], log_dir / mode / "nginx") as nginx:
-                records = asyncio.run(_drive(cluster, mode, items, setup, progress, nginx.url))
+                records, members = asyncio.run(_drive(cluster, mode, items, setup, progress, nginx.url))
         else:
-            records = asyncio.run(_drive(cluster, mode, items, setup, progress, None))
+            records, members = asyncio.run(_drive(cluster, mode, items, setup, progress, None))
         wall = time.monotonic() - started
         commands, cpu = _redis_counters(cluster.redis.port)
         commands -= before
         cpu -= cpu_before
-        node_stats = {n.name: n.stats()["stats"] for n in cluster.nodes}
-    return ModeRun(mode, records, commands, cpu, wall, node_stats)
+        node_stats = {n.name: n.stats()["stats"] for n in cluster.nodes if n.is_alive}
+        joins, leaves = members.sim_changes()
+    return ModeRun(mode, records, commands, cpu, wall, node_stats, joins, leaves)
 
 
 def _row(summary: dict[str, Any]) -> list[str]:
@@ -452,56 +617,99 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--front", choices=["client", "nginx"], default="client",
                    help="round-robin in the client, or through a real nginx (Debian's package) as deployed")
+    p.add_argument("--engine", choices=ENGINES, default="sim",
+                   help="sim: the cost model (a step sleeps); tiny: the real tiny model on CPU, steps paced to "
+                        "--decode-step-ms (the nodes share this machine's cores)")
+    p.add_argument("--join-at", type=float, default=None, metavar="FRACTION",
+                   help="one more node joins when this fraction of the requests has arrived")
+    p.add_argument("--leave-at", type=float, default=None, metavar="FRACTION",
+                   help="node 1 leaves (SIGTERM: it drains) when this fraction of the requests has arrived")
+    p.add_argument("--capacity-rps", type=float, default=None,
+                   help="the cluster's capacity in requests/s (default: measured before the run)")
     p.add_argument("--out", default="out/bench")
     args = p.parse_args(argv)
-    if args.nodes < 1 or args.requests < 1 or not 0 < args.load <= 2 or args.slow_factor <= 0 \
-            or not 0 <= args.long_prompt_fraction <= 1 or args.max_num_seqs < 1 or args.decode_step_ms <= 0 \
-            or args.prefill_ms_per_token < 0:
-        print(f"{p.prog}: error: need --nodes >= 1, --requests >= 1, 0 < --load <= 2, --slow-factor > 0, "
-              "--long-prompt-fraction in [0, 1], --max-num-seqs >= 1, --decode-step-ms > 0", file=sys.stderr)
+    problems = []
+    if args.nodes < 1 or args.requests < 1 or args.max_num_seqs < 1:
+        problems.append("--nodes, --requests and --max-num-seqs must be >= 1")
+    if not 0 < args.load <= 2 or args.slow_factor <= 0 or args.decode_step_ms <= 0 or args.prefill_ms_per_token < 0:
+        problems.append("need 0 < --load <= 2, --slow-factor > 0, --decode-step-ms > 0, --prefill-ms-per-token >= 0")
+    if not 0 <= args.long_prompt_fraction <= 1:
+        problems.append("--long-prompt-fraction must be in [0, 1]")
+    for flag, value in (("--join-at", args.join_at), ("--leave-at", args.leave_at)):
+        if value is not None and not 0 < value < 1:
+            problems.append(f"{flag} is a fraction of the requests, in (0, 1)")
+    if args.leave_at is not None and (args.nodes < 2 or args.target == "one_node"):
+        problems.append("--leave-at needs --nodes >= 2 and round-robin traffic (node 1 leaves)")
+    if args.front == "nginx" and (args.join_at is not None or args.leave_at is not None):
+        problems.append("--join-at/--leave-at need --front client (the nginx upstream is fixed)")
+    if args.engine == "tiny" and (args.long_prompt_fraction > 0 or args.prefill_ms_per_token > 0):
+        problems.append("--engine tiny: the tiny model's context (2,048) has no room for long prompts, and its "
+                        "prefill costs what it costs (--prefill-ms-per-token is the sim engine's)")
+    if args.capacity_rps is not None and args.capacity_rps <= 0:
+        problems.append("--capacity-rps must be > 0")
+    if problems:
+        print(f"{p.prog}: error: " + "; ".join(problems), file=sys.stderr)
         return 2
     setup = Setup(args.nodes, args.max_num_seqs, args.decode_step_ms, args.load, args.requests, args.arrival,
                   args.seed, args.min_load_score, args.target, args.slow_factor, args.long_prompt_fraction,
-                  args.prefill_ms_per_token)
+                  args.prefill_ms_per_token, args.engine, args.join_at, args.leave_at, args.capacity_rps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work, items, capacity = setup.workload()
     console = Console(stderr=True)
-    console.print(f"{args.nodes} sim nodes x {args.max_num_seqs} slots, {args.decode_step_ms:g} ms steps; "
-                  f"{args.requests} requests, {args.arrival} at {args.load:.0%} of {capacity:.1f} req/s; "
-                  f"outputs {work.output_scale:g} x Pareto({work.output_alpha:g}) capped at {work.output_cap}")
     runs: list[ModeRun] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
+        step_ms: list[float] | None = None
+        if setup.capacity_rps is not None:
+            capacity, measured = setup.capacity_rps, "given"
+        else:
+            capacity, step_ms = measure_capacity(setup, out / "logs", progress)
+            measured = "measured: steps " + ", ".join(f"{ms:.1f}" for ms in step_ms) + " ms at full batch"
+        work, items = setup.workload(capacity)
+        changes = "".join([f"; node{setup.nodes} joins at request {work.join_at}" if work.join_at else "",
+                           f"; node{work.leaver} leaves at request {work.leave_at}" if work.leave_at else ""])
+        console.print(f"{args.nodes} {args.engine} nodes x {args.max_num_seqs} slots, {args.decode_step_ms:g} ms "
+                      f"steps; {args.requests} requests, {args.arrival} at {args.load:.0%} of {capacity:.2f} req/s "
+                      f"({measured}); outputs {work.output_scale:g} x Pareto({work.output_alpha:g}) capped at "
+                      f"{work.output_cap}{changes}")
         for mode in args.modes:
             runs.append(run_mode(mode, items, setup, progress, out / "logs", args.front))
     spec = setup.cluster_spec()
-    table = Table(title="balance bench: real node processes (sim engine), and the simulator on the same items")
-    extra = ["stolen", "Redis cmd/s/node", "Redis cmd/req", "Redis cmd/1k tok", "Redis CPU %"]
+    table = Table(title=f"balance bench: real node processes ({setup.engine} engine), and the simulator on the same items")
+    extra = ["stolen", "waits with a free slot", "free-slot wait mean ms", "Redis cmd/s/node", "Redis cmd/req",
+             "Redis cmd/1k tok", "Redis CPU %"]
     for column in ["mode", "run", *HEADER, *extra]:
         table.add_column(column, justify="right")
-    results: dict[str, Any] = {"setup": dataclasses.asdict(setup), "capacity_rps": capacity, "modes": {}}
+    results: dict[str, Any] = {"setup": dataclasses.asdict(setup), "capacity_rps": capacity,
+                               "capacity_step_ms": step_ms, "modes": {}}
     lines = ["| mode | run | " + " | ".join(HEADER + extra) + " |", "|" + "---|" * (len(HEADER) + len(extra) + 2)]
     for run in runs:
         real = summarize(run.records)
         # The twin runs at the step time the real nodes showed (their per-step overhead, a few
         # percent, matters near saturation): what remains between the two is the scheduling.
-        step_ms = real["tpot"]["mean"] * 1000
-        twin = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, decode_step_ms=step_ms))
+        run_step_ms = real["tpot"]["mean"] * 1000
+        twin = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, decode_step_ms=run_step_ms),
+                                   joins=run.joins, leaves=run.leaves)
         simulated = simulate(twin, run.mode, items)  # type: ignore[arg-type]
-        rows = [("real", real, run.redis_commands, run.wall_s, f"{100 * run.redis_cpu_s / max(run.wall_s, 1e-9):.1f}"),
-                ("sim", simulated.summary, simulated.counters.redis_commands, simulated.summary["sim_time_s"], "")]
+        rows = [("real", real, run.redis_commands, run.wall_s, f"{100 * run.redis_cpu_s / max(run.wall_s, 1e-9):.1f}",
+                 run.records),
+                ("sim", simulated.summary, simulated.counters.redis_commands, simulated.summary["sim_time_s"], "",
+                 simulated.records)]
         tokens = sum(r.num_tokens for r in run.records if r.ok)
-        for label, summary, commands, seconds, cpu in rows:
+        live = {f"node{n}": (t, math.inf) for n, t in run.joins} | {f"node{n}": (-math.inf, t) for n, t in run.leaves}
+        for label, summary, commands, seconds, cpu, records in rows:
             stolen = summary["served_elsewhere"] if run.mode in ("global", "fastdeploy") else 0  # oracle: the client placed them
+            idle = idle_slot_waits(records, setup.max_num_seqs, run_step_ms / 1000, live)
             cells = [run.mode, label, *_row(summary), str(stolen),
+                     str(sum(1 for wait in idle.values() if wait > run_step_ms / 1000)),
+                     f"{1000 * sum(idle.values()) / max(1, len(idle)):.1f}",
                      f"{commands / max(seconds, 1e-9) / setup.nodes:.1f}",
                      f"{commands / max(1, summary['completed']):.1f}", f"{commands / max(1, tokens) * 1000:.0f}", cpu]
             table.add_row(*cells)
             lines.append("| " + " | ".join(cells) + " |")
         results["modes"][run.mode] = {"real": real, "sim": simulated.summary,
                                       "redis_commands": run.redis_commands, "redis_cpu_s": run.redis_cpu_s,
-                                      "wall_s": run.wall_s,
+                                      "wall_s": run.wall_s, "joins": run.joins, "leaves": run.leaves,
                                       "node_stats": run.node_stats,
                                       "records": [dataclasses.asdict(r) for r in run.records]}
     Console(width=200).print(table)

@@ -99,3 +99,43 @@ def summarize(records: list[RequestRecord], slo: Slo = Slo()) -> dict[str, Any]:
         "e2el": distribution([r.e2el for r in done if r.e2el is not None]),
         "served_elsewhere": sum(1 for r in done if r.served_by and r.served_by != r.origin),
     }
+
+
+def idle_slot_waits(records: list[RequestRecord], max_num_seqs: int, step_s: float,
+                    live: dict[str, tuple[float, float]] | None = None) -> dict[int, float]:
+    """Per completed request (by index): how long it waited while some node had a free slot, read
+    off the trace alone. A request holds a slot on the node that ran it from one step before its
+    first token to its last; a node counts only while it is live (``live``: node -> (from, to),
+    default every node that ran something, for the whole run). Waiting is from arrival to the
+    start of its first step. The oracle's is zero but for the trace's own blur (a step or so)."""
+    done = [r for r in records if r.ok and r.token_times and r.served_by]
+    nodes = sorted({r.served_by for r in done} | set(live or {}))
+    windows = {n: (live or {}).get(n, (-math.inf, math.inf)) for n in nodes}
+    events: list[tuple[float, int, str]] = []  # (time, +1 taken / -1 freed, node)
+    for r in done:
+        assert r.finish_s is not None
+        events.append((r.token_times[0] - step_s, 1, r.served_by))
+        events.append((r.finish_s, -1, r.served_by))
+    for node, (start, end) in windows.items():  # a node's arrival and departure change who counts
+        for t in (start, end):
+            if math.isfinite(t):
+                events.append((t, 0, node))
+    events.sort(key=lambda e: (e[0], e[1]))  # at one instant, frees before takes
+    busy = dict.fromkeys(nodes, 0)
+    free_from: float | None = None  # start of the current stretch with a free slot somewhere
+    stretches: list[tuple[float, float]] = []
+    for t, delta, node in events:
+        busy[node] += delta
+        is_free = any(busy[n] < max_num_seqs and windows[n][0] <= t < windows[n][1] for n in nodes)
+        if is_free and free_from is None:
+            free_from = t
+        elif not is_free and free_from is not None:
+            stretches.append((free_from, t))
+            free_from = None
+    if free_from is not None:
+        stretches.append((free_from, math.inf))
+    out = {}
+    for r in done:
+        lo, hi = r.arrival_s, r.token_times[0] - step_s
+        out[r.index] = sum(max(0.0, min(hi, b) - max(lo, a)) for a, b in stretches)
+    return out

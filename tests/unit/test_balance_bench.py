@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from bench.balance.metrics import RequestRecord, Slo, percentile, summarize
+from bench.balance.metrics import RequestRecord, Slo, idle_slot_waits, percentile, summarize
 from bench.balance.simulate import ClusterSpec, simulate
-from bench.balance.workload import Item, WorkloadSpec, generate, sim_capacity_rps
+from bench.balance.workload import Item, WorkloadSpec, generate, membership, sim_capacity_rps, total_nodes
 
 # ---- workloads ----
 
@@ -57,7 +57,39 @@ def test_capacity_of_the_cost_model_by_hand():
     assert sim_capacity_rps(cost, 8, spec, 3, slowdowns=(1.0, 2.0)) == pytest.approx(3 * 8 / (16 * 0.02) - 12.5)
 
 
+def test_membership_changes_route_round_robin_over_the_nodes_in_rotation():
+    spec = WorkloadSpec(num_requests=12, rate_rps=10.0, join_at=4, leave_at=8, leaver=1)
+    assert total_nodes(spec, 3) == 4
+    assert membership(spec, 3, 3) == [0, 1, 2]
+    assert membership(spec, 3, 4) == [0, 1, 2, 3]
+    assert membership(spec, 3, 8) == [0, 2, 3]
+    # each request to the next node in rotation after the last one: the joiner, 3, gets r6 first
+    assert [item.node for item in generate(spec, 3)] == [0, 1, 2, 0, 1, 2, 3, 0, 2, 3, 0, 2]
+    plain = dataclasses.replace(spec, join_at=None, leave_at=None)
+    assert [(i.arrival_s, i.max_tokens) for i in generate(spec, 3)] == [(i.arrival_s, i.max_tokens)
+                                                                        for i in generate(plain, 3)]
+    with pytest.raises(ValueError):
+        WorkloadSpec(num_requests=12, join_at=12)
+    with pytest.raises(ValueError):
+        generate(dataclasses.replace(spec, leaver=3), 3)
+
+
 # ---- metrics ----
+
+
+def test_idle_slot_waits_of_a_known_trace():
+    """One slot per node, steps of 0.1 s. a runs on n0 from 0 to 1.0; b arrives at 0.2 on n0 and
+    starts there at 1.0 (first token 1.1): n1 sat idle until c took it at 0.5, so b waited 0.3 s
+    with a free slot; c arrives at 0.5 and starts at once (first token 0.6): 0."""
+    a = RequestRecord(0, 0.0, "n0", "n0", token_times=[0.1], num_tokens=1, finish_s=1.0)
+    b = RequestRecord(1, 0.2, "n0", "n0", token_times=[1.1], num_tokens=1, finish_s=1.5)
+    c = RequestRecord(2, 0.5, "n1", "n1", token_times=[0.6], num_tokens=1, finish_s=2.0)
+    waits = idle_slot_waits([a, b, c], 1, 0.1)
+    assert waits == pytest.approx({0: 0.0, 1: 0.3, 2: 0.0})
+    # n1 only joins at 0.4: b waited with a free slot from 0.4 to 0.5
+    assert idle_slot_waits([a, b, c], 1, 0.1, {"n1": (0.4, math.inf)}) == pytest.approx({0: 0.0, 1: 0.1, 2: 0.0})
+    # with two slots a node always had one free for b
+    assert idle_slot_waits([a, b, c], 2, 0.1)[1] == pytest.approx(0.8)
 
 
 def test_metrics_of_a_known_trace():
