@@ -304,8 +304,10 @@ class Node:
         log.info("draining: %d own and %d stolen-in requests in flight",
                  len(self._handles), len(self.scheduler.remote))
         self.is_draining = True
-        self.scheduler.is_accepting_steals = False
-        self._apply(self.scheduler.hand_back_pending("draining"))  # unstarted stolen work goes home now
+        # unstarted stolen work goes home now; its own queue stays grantable, so peers that still
+        # see it (until their next read of the members) take what it would otherwise run last
+        self.scheduler.is_draining = True
+        self._apply(self.scheduler.hand_back_pending("draining"))
         self._wake_stealer.set()
         if self._registry is not None:
             try:

@@ -672,12 +672,13 @@ class SimCluster:
             self.loop.at(self.loop.now, functools.partial(self._enter, item))
 
     def leave(self, node: SimNode) -> None:
-        """SIGTERM, as ``Node._shutdown`` handles it: grant nothing more, hand unstarted stolen
-        tasks back, stop probing and stealing (its loops see ``is_draining``), deregister, finish
-        what it holds (its ticker ends it then). FastDeploy: its insert loop stops."""
+        """SIGTERM, as ``Node._shutdown`` handles it: hand unstarted stolen tasks back, stop
+        probing and stealing (its loops see ``is_draining``), deregister, finish what it holds (its
+        ticker ends it then); peers that still count it a member may take its queue. FastDeploy:
+        its insert loop stops."""
         node.is_draining = True
         node.stats.left_s = self.loop.now
-        node.sched.is_accepting_steals = False
+        node.sched.is_draining = True
         node.apply(node.sched.hand_back_pending("draining"))
         self.note_slots(node)
         if self.is_stealing:

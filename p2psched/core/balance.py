@@ -10,7 +10,13 @@ first. Stealing approaches it from both ends:
   ones, so across the cluster the oldest requests start first. Measured in the simulator,
   stealing only into idle slots left queues of very different ages behind (a request at the
   back of a long queue waited twice as long as the pooled queue's worst), while no slot was free
-  anywhere (``docs/decisions.md``, decision 41).
+  anywhere (``docs/decisions.md``, decision 41);
+- just in time: a node whose slot frees with the step now running (a request with one token
+  left of its ``max_tokens``) asks then, so that what it takes is at the head of its queue when
+  the slot frees: anything, if its queue is empty; anything older than its own oldest, if not.
+  A request taken into a queue otherwise is pinned there until that node has a slot, so then
+  the margin is wider (``announced_margin_s``) in proportion to the share of the node's ends
+  that came announced like that (decision 43).
 
 What a thief knows of a peer's queue (how many requests it could be given, and how long the
 oldest of them has waited) comes from the peers themselves, never from Redis: the answer to a
@@ -112,12 +118,17 @@ class Balancer:
         """The steal to send now, or None.
 
         With a free slot and an empty queue: up to ``free_slots`` requests, any age, from the
-        peer whose oldest has waited longest. With a queue of our own: one request older than our
-        oldest by ``margin_s`` (it queues here, by arrival; the next steal may follow at once:
-        one at a time keeps a busy node from holding what an idle one could start). Full with nothing
-        queued: no steal (work taken now would only wait here instead of there)."""
+        peer whose oldest has waited longest. Full with nothing queued: up to ``freeing`` (slots
+        that free with the running step), any age; none if no slot frees (work taken now would only
+        wait here instead of there). With a queue of our own: one request older than our oldest,
+        by ``freeing_margin_s`` if a slot frees with this step, else by ``margin_s`` widened towards
+        ``announced_margin_s`` by ``announced_share`` (it queues here, by arrival; the next steal
+        may follow at once: one at a time keeps a busy node from holding what an idle one could
+        start)."""
         if queued == 0 and free_slots > 0 and free_kv_tokens > 0:
             threshold, max_requests, max_tokens = 0.0, free_slots, free_kv_tokens
+        elif queued == 0 and freeing > 0:
+            threshold, max_requests, max_tokens = 0.0, freeing, max_kv_tokens
         elif queued > 0 and freeing > 0:
             threshold, max_requests, max_tokens = own_oldest_waited_s + self.freeing_margin_s, 1, max_kv_tokens
         elif queued > 0:  # one at a time: a request queued here is pinned here, so commit little

@@ -25,7 +25,9 @@ requests back after one lease timeout.
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .. import PROTOCOL_VERSION
@@ -122,7 +124,8 @@ class Scheduler:
         self.running: dict[str, Request] = {}
         self.leases = LeaseTable(params.lease_timeout)
         self.remote = RemoteTasks()
-        self.is_accepting_steals = True
+        self.is_accepting_steals = True  # grants its queue to thieves (not once its engine failed)
+        self.is_draining = False  # SIGTERM: takes no stolen work, while thieves may still take its queue
         self._reserved_tokens = 0
         self.announced_share = 0.0  # of recent ends, the share announced a step ahead (by max_tokens)
         self._last_heartbeat = 0.0
@@ -155,10 +158,17 @@ class Scheduler:
 
     def queue_report(self, now: float) -> tuple[int, float]:
         """(requests a thief could be given, how long the oldest of them has waited; 0 if none).
-        Nothing while this node does not grant (it is draining)."""
+        Nothing while this node does not grant (its engine failed)."""
         if not self.is_accepting_steals:
             return 0, 0.0
-        return self.pending.num_grantable(), self._waited(self.pending.oldest_grantable(), now)
+        offered = [r for r in self._offered() if not r.is_pinned]
+        return len(offered), self._waited(offered[0] if offered else None, now)
+
+    def _offered(self) -> Iterator[Request]:
+        """The queue as thieves may take from it: all but its first ``slots_freeing`` requests,
+        which this node starts itself when the running step ends (a request that starts here
+        within a step does not travel)."""
+        return itertools.islice(self.pending, self.slots_freeing, None)
 
     def plan_steal(self, balancer: Balancer, now: float) -> StealPlan | None:
         """The steal this node should send now, if any (``balance.Balancer.plan``); none while
@@ -303,7 +313,7 @@ class Scheduler:
         else:
             size = GRANT_OVERHEAD_BYTES
             # select_grant fits every task into the thief's offer at kv_reservation's full form
-            for request in select_grant(self.pending, steal.max_requests, steal.max_tokens, steal.max_model_len,
+            for request in select_grant(self._offered(), steal.max_requests, steal.max_tokens, steal.max_model_len,
                                         steal.thief_id, now - steal.min_waited_s):
                 task = Task(request.request_id, self.params.node_id, self.params.node_name, request.epoch,
                             request.prompt_token_ids, list(request.delivered_token_ids), request.sampling,
@@ -321,9 +331,9 @@ class Scheduler:
                 chosen.append((request, task))
             reason = "ok" if chosen else "empty"
         taken = {request.request_id for request, _ in chosen}
-        left = next((r for r in self.pending if not r.is_pinned and r.request_id not in taken), None)
-        # what is left for the next thief (those taken were grantable: never pinned)
-        grantable = self.pending.num_grantable() - len(chosen) if left is not None and self.is_accepting_steals else 0
+        offered = [r for r in self._offered() if not r.is_pinned and r.request_id not in taken]
+        left = offered[0] if offered else None  # what is left for the next thief
+        grantable = len(offered) if self.is_accepting_steals else 0
         oldest = self._waited(left, now) if grantable else 0.0
         grant = Grant(PROTOCOL_VERSION, steal.steal_id, self.params.node_id, [task for _, task in chosen],
                       len(self.pending) - len(chosen), reason, oldest, grantable)
@@ -363,7 +373,7 @@ class Scheduler:
                 back.setdefault("full", []).append(task)
                 continue
             refusal = self.params.limits.refusal(task.prompt_token_ids, task.sampling, task.delivered_token_ids)
-            if not self.is_accepting_steals:
+            if self.is_draining or not self.is_accepting_steals:
                 back.setdefault("draining", []).append(task)
             elif refusal is not None:
                 log.info("handing %s back to %s: %s", task.request_id, task.origin_name, refusal.message)

@@ -65,9 +65,11 @@ def test_when_ends_are_announced_a_busy_node_pins_only_much_older_requests():
     assert plan is not None and plan.victim_id == "a" and plan.min_waited_s == pytest.approx(0.45)
 
 
-def test_a_full_node_with_nothing_queued_does_not_steal():
+def test_a_full_node_with_nothing_queued_steals_only_for_the_slots_that_free_with_this_step():
     b = balancer()
     b.heard("a", grantable=5, oldest_waited_s=3.0, now=10.0)
+    assert b.plan(10.0, free_slots=0, free_kv_tokens=100, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000,
+                  freeing=2) == StealPlan("a", 2, 9000, 0.0)
     assert b.plan(10.0, free_slots=0, free_kv_tokens=100, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000) is None
     assert b.plan(10.0, free_slots=2, free_kv_tokens=0, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000) is None
 

@@ -295,6 +295,23 @@ def test_a_slot_that_frees_with_the_running_step_lets_a_busy_node_take_any_older
     assert side.sched.plan_steal(balancer, 0.2) == StealPlan("peer", 1, 10_000, pytest.approx(0.2))
 
 
+def test_a_victim_keeps_the_requests_its_freeing_slots_start_and_offers_the_rest():
+    side = Side("victim")
+    submit(side, 0, 2)
+    submit(side, 1, 10)
+    for i in (2, 3, 4):  # queued since 0.0, 0.1, 0.2
+        submit(side, i, 10, now=0.1 * (i - 2))
+    assert side.sched.queue_report(1.0) == (3, pytest.approx(1.0))
+    side.step(0.5)  # req-0 has 1 token left: req-2 starts here when this step ends
+    assert side.sched.slots_freeing == 1
+    assert side.sched.queue_report(1.0) == (2, pytest.approx(0.9))
+    steal = Steal(PROTOCOL_VERSION, "s", "victim", "t", "n", "model", 4, 10_000, 1000)
+    grant, _ = side.sched.on_steal(steal, 1.0)
+    assert [task.request_id for task in grant.tasks] == ["req-3", "req-4"]
+    assert (grant.victim_grantable, grant.victim_oldest_waited_s) == (0, 0.0)
+    assert [r.request_id for r in side.sched.pending] == ["req-2"]
+
+
 def test_the_share_of_ends_announced_by_max_tokens_is_a_moving_average():
     side = Side("solo")
     assert side.sched.announced_share == 0.0
@@ -309,7 +326,7 @@ def test_the_share_of_ends_announced_by_max_tokens_is_a_moving_average():
     assert side.sched.announced_share == pytest.approx(0.05 * 0.95)
 
 
-def test_model_mismatch_and_draining_give_empty_grants():
+def test_model_mismatch_and_a_failed_engine_give_empty_grants():
     side = Side("victim")
     for i in range(4):
         submit(side, i, 10)
@@ -340,7 +357,7 @@ def test_a_stolen_task_joins_the_thiefs_queue_by_how_long_it_waited():
     assert thief.sched.pending.head().arrival == pytest.approx(0.0)  # type: ignore[union-attr]
 
 
-def test_a_full_queue_steals_nothing_and_a_draining_node_offers_nothing():
+def test_a_full_queue_steals_nothing_and_a_node_whose_engine_failed_offers_nothing():
     side = Side("solo")
     side.sched.params = dataclasses.replace(side.sched.params, max_queue_len=3)
     balancer = Balancer("solo", random.Random(0))

@@ -147,6 +147,32 @@ def test_heartbeats_stop_while_the_engine_is_stuck_so_the_origin_takes_the_work_
         assert pair.origin.tokens_of(rid) == expected(i, 40), rid
 
 
+def test_a_draining_origin_still_grants_its_queue_but_takes_no_stolen_work():
+    """SIGTERM: the node takes no stolen work (a grant that lands after it is handed back), but
+    its own queue stays grantable, so peers that still count it a member take what it would run
+    last; every request still completes, exactly."""
+    pair = Pair()
+    ids = [submit(pair.origin, i, 20) for i in range(6)]  # two run, four wait
+    pair.origin.sched.is_draining = True
+    pair.thief.sched.is_draining = False
+    assert pair.origin.sched.queue_report(0.0)[0] == 4
+    grant = pair.steal(max_requests=2)
+    assert len(grant.tasks) == 2
+    pair.run(300)
+    for i, rid in enumerate(ids):
+        assert pair.origin.tokens_of(rid) == expected(i, 20), rid
+    # the other way round: a grant that reaches a draining thief goes straight back
+    back = Pair()
+    back_ids = [submit(back.origin, i, 20) for i in range(6)]
+    back.thief.sched.is_draining = True
+    grant = back.steal(max_requests=2)
+    assert len(grant.tasks) == 2 and not back.thief.sched.running and not back.thief.sched.pending
+    back.run(300)
+    for i, rid in enumerate(back_ids):
+        assert back.origin.tokens_of(rid) == expected(i, 20), rid
+    assert back.origin.sched.stats.handbacks_received == 2  # (per task)
+
+
 def test_a_draining_thief_hands_back_what_it_has_not_started():
     pair = Pair()
     pair.thief.sched.params = dataclasses.replace(pair.thief.sched.params,
