@@ -687,7 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         real = summarize(run.records)
         # The twin runs at the step time the real nodes showed (their per-step overhead, a few
         # percent, matters near saturation): what remains between the two is the scheduling.
-        run_step_ms = real["tpot"]["mean"] * 1000
+        # (with a slow node 0, the others' steps: the twin slows node 0 by the factor itself)
+        base = [t for r in run.records if (t := r.tpot) is not None and (setup.slow_factor == 1 or r.served_by != "node0")]
+        run_step_ms = 1000 * sum(base) / len(base) if base else setup.decode_step_ms
         twin = dataclasses.replace(spec, cost=dataclasses.replace(spec.cost, decode_step_ms=run_step_ms),
                                    joins=run.joins, leaves=run.leaves)
         simulated = simulate(twin, run.mode, items)  # type: ignore[arg-type]
@@ -698,12 +700,15 @@ def main(argv: list[str] | None = None) -> int:
         tokens = sum(r.num_tokens for r in run.records if r.ok)
         live = {f"node{n}": (t, math.inf) for n, t in run.joins} | {f"node{n}": (-math.inf, t) for n, t in run.leaves}
         for label, summary, commands, seconds, cpu, records in rows:
+            # per node and second a node was up: a joiner counts from its join, a leaver until it left
+            node_s = setup.nodes * seconds + sum(max(0.0, seconds - t) for _, t in run.joins) \
+                - sum(max(0.0, seconds - t) for _, t in run.leaves)
             stolen = summary["served_elsewhere"] if run.mode in ("global", "fastdeploy") else 0  # oracle: the client placed them
             idle = idle_slot_waits(records, setup.max_num_seqs, run_step_ms / 1000, live)
             cells = [run.mode, label, *_row(summary), str(stolen),
                      str(sum(1 for wait in idle.values() if wait > run_step_ms / 1000)),
                      f"{1000 * sum(idle.values()) / max(1, len(idle)):.1f}",
-                     f"{commands / max(seconds, 1e-9) / setup.nodes:.1f}",
+                     f"{commands / max(node_s, 1e-9):.1f}",
                      f"{commands / max(1, summary['completed']):.1f}", f"{commands / max(1, tokens) * 1000:.0f}", cpu]
             table.add_row(*cells)
             lines.append("| " + " | ".join(cells) + " |")
