@@ -147,9 +147,13 @@ class Cluster:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="p2psched-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.nodes: list[NodeProcess] = []
+        taken: set[int] = {self.redis.port}
         for i in range(num_nodes):
             name = f"node{i}"
             port = http_ports[i] if http_ports is not None else free_port()
+            while http_ports is None and port in taken:  # the OS may hand the same free port out twice
+                port = free_port()
+            taken.add(port)
             args = ["--port", str(port), "--node-name", name, "--scheduler-name", scheduler_name,
                     "--scheduler-host", self.redis.host, "--scheduler-port", str(self.redis.port),
                     "--scheduler-topic", topic, *(node_args or []),

@@ -179,8 +179,11 @@ def measure_capacity(setup: Setup, log_dir: Path, progress: Progress) -> tuple[f
     if failed:
         raise SystemExit(f"python -m bench: error: {len(failed)} calibration requests failed ({failed[0].error})")
     step_ms = []
-    for n in range(setup.nodes):
-        tpots = [t for r in records if r.origin == f"node{n}" and (t := r.tpot) is not None]
+    for n in range(setup.nodes):  # (by the node each was sent to: the records are in the items' order)
+        tpots = [t for r, item in zip(records, items, strict=True) if item.node == n and (t := r.tpot) is not None]
+        if not tpots:
+            raise SystemExit(f"python -m bench: error: node{n} streamed no calibration request of two tokens or more "
+                             f"(see {log_dir / 'capacity'})")
         step_ms.append(1000 * sum(tpots) / len(tpots))
     return setup.model_capacity(step_ms), step_ms
 
