@@ -359,11 +359,13 @@ class Node:
             self._wake_stealer.set()
 
     def _can_steal(self) -> bool:
-        """A free slot or a queue of its own (``balance.py`` decides what, if anything, to take),
-        not draining, and an engine that makes progress (a hung engine would only hold what it
-        steals until the leases lapse, again and again)."""
+        """A free slot, a queue of its own or a slot that frees with the running step
+        (``balance.py`` decides what, if anything, to take), not draining, and an engine that
+        makes progress (a hung engine would only hold what it steals until the leases lapse,
+        again and again)."""
         sched = self.scheduler
-        return (sched.free_slots > 0 or bool(sched.pending)) and not self.is_draining and not self.is_engine_stalled
+        return (sched.free_slots > 0 or bool(sched.pending) or sched.slots_freeing > 0) \
+            and not self.is_draining and not self.is_engine_stalled
 
     def _on_engine_outputs(self, outputs: list[EngineOutput], busy_s: float) -> None:
         with self.containment.guard("engine-outputs"):

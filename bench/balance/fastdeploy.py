@@ -116,6 +116,7 @@ class FdScheduler:
         self._freed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: set[asyncio.Task[None]] = set()
+        self._is_leaving = False
         self.stolen = 0  # requests this node took from a peer's list
         self.errors = 0  # worker errors (logged; the worker goes on)
 
@@ -171,8 +172,9 @@ class FdScheduler:
             self._tasks.append(asyncio.create_task(self._forever(loop), name=f"fd-{loop.__name__}-{name}"))
 
     async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
-        """As FastDeploy's worker threads: an error is logged and the worker goes on."""
-        while True:
+        """As FastDeploy's worker threads: an error is logged and the worker goes on (the insert
+        loop, until the instance leaves)."""
+        while not (self._is_leaving and loop == self._insert_loop):
             try:
                 await loop()
             except asyncio.CancelledError:
@@ -190,11 +192,13 @@ class FdScheduler:
         await self.client.connection_pool.disconnect()
 
     async def leave(self) -> None:
-        """Take no more requests (the instance is leaving): what it runs finishes, stolen results
-        still come home, and what is left in its list waits there for its peers to take."""
-        for task in self._tasks:
-            if task.get_name().startswith("fd-_insert_loop"):
-                task.cancel()
+        """Take no more requests (the instance is leaving): the insert loop ends after its turn
+        (what that turn took is served), what it runs finishes, stolen results still come home,
+        and what is left in its list waits there for its peers to take."""
+        self._is_leaving = True
+        self._freed.set()  # a loop waiting for a free slot looks again, and ends
+        await asyncio.gather(*(t for t in self._tasks if t.get_name().startswith("fd-_insert_loop")),
+                             return_exceptions=True)
 
     async def _keep_alive(self) -> None:
         while True:
@@ -293,7 +297,7 @@ class FdScheduler:
         return taken
 
     async def _insert_loop(self) -> None:
-        while True:
+        while not self._is_leaving:
             free = self.cfg.max_num_seqs - self._in_flight
             if free <= 0:
                 self._freed.clear()

@@ -211,9 +211,13 @@ def _body(item: Item) -> dict[str, Any]:
             "ignore_eos": True, "return_token_ids": True}
 
 
-async def _chunks(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """The streamed completion's chunks (decoded); an error chunk for a refused request."""
+async def _chunks(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                  on_answer: Callable[[], None] | None = None) -> AsyncIterator[dict[str, Any]]:
+    """The streamed completion's chunks (decoded); an error chunk for a refused request.
+    ``on_answer`` runs when the node has answered (the response's status line is in)."""
     async with session.post(url + "/v1/completions", json=body) as resp:
+        if on_answer is not None:
+            on_answer()
         if resp.status != 200:
             yield {"error": {"message": f"HTTP {resp.status}"}}
             return
@@ -223,9 +227,10 @@ async def _chunks(session: aiohttp.ClientSession, url: str, body: dict[str, Any]
                 yield json.loads(line[6:])
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, item: Item, record: RequestRecord, t0: float) -> None:
+async def _stream(session: aiohttp.ClientSession, url: str, item: Item, record: RequestRecord, t0: float,
+                  on_answer: Callable[[], None] | None = None) -> None:
     try:
-        async for payload in _chunks(session, url, _body(item)):
+        async for payload in _chunks(session, url, _body(item), on_answer):
             if "error" in payload:
                 record.error = str(payload["error"].get("message", "error"))
                 return
@@ -245,7 +250,9 @@ class Membership:
     """The run's membership changes, on real processes: the joining node's process starts
     ``JOIN_LEAD_S`` before its first request is due (it registers, and the front door sends it
     requests, once it answers /health); the leaving node gets SIGTERM when its first
-    out-of-rotation request arrives (it drains what it has and deregisters)."""
+    out-of-rotation request arrives, once it has answered every request sent to it before (it
+    drains what it has and deregisters; peers may take its queue meanwhile). FastDeploy's
+    leaving instance only stops taking work."""
 
     def __init__(self, cluster: Cluster, items: list[Item], setup: Setup, t0: float):
         work = setup.work_spec()
@@ -260,6 +267,20 @@ class Membership:
         self.joined_s: float | None = None  # when it answered /health (registered: it may steal a poll earlier)
         self.has_left = False
         self.changed = asyncio.Event()
+        self.unanswered = [0] * setup.total_nodes  # requests sent to each node it has not answered yet
+
+    def sending(self, node: int) -> Callable[[], None]:
+        """Count a request sent to ``node`` until it answers (call what this returns then): a
+        leaving node gets SIGTERM only once it has answered every request sent to it before."""
+        self.unanswered[node] += 1
+        answered = False
+
+        def answer() -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                self.unanswered[node] -= 1
+        return answer
 
     def live(self) -> list[int]:
         """The nodes that may be given work now."""
@@ -271,7 +292,9 @@ class Membership:
             await self.joined.wait()
 
     async def run(self, on_join: Callable[[int], Awaitable[None]] | None = None,
-                  on_leave: Callable[[int], Awaitable[None]] | None = None) -> None:
+                  on_leave: Callable[[int], Awaitable[None]] | None = None, signal_leaver: bool = True) -> None:
+        """The changes at their times; the leaver gets SIGTERM unless ``signal_leaver`` is False
+        (FastDeploy's: its scheduler stops taking work, which is its instance leaving)."""
         async def join() -> None:
             assert self.joiner is not None and self.join_due is not None
             await asyncio.sleep(max(0.0, self.t0 + self.join_due - JOIN_LEAD_S - time.monotonic()))
@@ -288,8 +311,11 @@ class Membership:
             self.has_left = True
             if on_leave is not None:
                 await on_leave(self.leaver)
+            deadline = time.monotonic() + 10
+            while self.unanswered[self.leaver] and time.monotonic() < deadline:  # (a draining node refuses new ones)
+                await asyncio.sleep(0.005)
             proc = self.cluster.nodes[self.leaver].proc
-            if proc is not None and proc.poll() is None:
+            if signal_leaver and proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             self.changed.set()
 
@@ -317,7 +343,11 @@ async def _drive(cluster: Cluster, mode: str, items: list[Item], setup: Setup, p
         async def one(item: Item, node_index: int, url: str | None = None) -> None:
             record = records[item.index]
             record.origin = cluster.nodes[node_index].name
-            await _stream(session, url or cluster.nodes[node_index].url, item, record, t0)
+            answered = members.sending(node_index)
+            try:
+                await _stream(session, url or cluster.nodes[node_index].url, item, record, t0, answered)
+            finally:
+                answered()
             progress.advance(task)
 
         if mode == "fastdeploy":
@@ -401,7 +431,7 @@ async def _fastdeploy(cluster: Cluster, items: list[Item], setup: Setup, t0: flo
         advance()
 
     try:
-        await asyncio.gather(members.run(on_join, on_leave), *(send(item) for item in items))
+        await asyncio.gather(members.run(on_join, on_leave, signal_leaver=False), *(send(item) for item in items))
     finally:
         for scheduler in started:
             await scheduler.close()

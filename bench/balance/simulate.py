@@ -398,11 +398,12 @@ class SimNode:
     # ---- probes: what the peers' queues look like ----
 
     def probe_loop(self) -> None:
-        """As the node: only a node that could steal (a free slot, or a queue) asks; not once it drains."""
+        """As the node: only a node that could steal (a free slot, a queue, or a slot that frees with
+        the running step) asks; not once it drains."""
         if self.is_draining:
             return
         cluster = self.cluster
-        if self.sched.free_slots > 0 or self.sched.pending:
+        if self.sched.free_slots > 0 or self.sched.pending or self.sched.slots_freeing > 0:
             for peer_id in self.balancer.probe_targets():
                 cluster.probe(self, cluster.nodes[peer_id])
         self.loop.after(PROBE_INTERVAL_S, self.probe_loop)

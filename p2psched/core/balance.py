@@ -114,23 +114,26 @@ class Balancer:
     # ---- the decision ----
 
     def plan(self, now: float, free_slots: int, free_kv_tokens: int, queued: int, own_oldest_waited_s: float,
-             max_kv_tokens: int, freeing: int = 0, announced_share: float = 0.0) -> StealPlan | None:
+             max_kv_tokens: int, freeing: int = 0, announced_share: float = 0.0,
+             freeing_kv_tokens: int = 0) -> StealPlan | None:
         """The steal to send now, or None.
 
         With a free slot and an empty queue: up to ``free_slots`` requests, any age, from the
         peer whose oldest has waited longest. Full with nothing queued: up to ``freeing`` (slots
-        that free with the running step), any age; none if no slot frees (work taken now would only
-        wait here instead of there). With a queue of our own: one request older than our oldest,
-        by ``freeing_margin_s`` if a slot frees with this step, else by ``margin_s`` widened towards
+        that free with the running step and no queued request has claimed), any age, within
+        ``freeing_kv_tokens`` (what is free once they end); none if no slot frees (work taken now
+        would only wait here instead of there). With a queue of our own: one request older than
+        our oldest, by ``freeing_margin_s`` if such a slot frees with this step (within
+        ``freeing_kv_tokens``), else by ``margin_s`` widened towards
         ``announced_margin_s`` by ``announced_share`` (it queues here, by arrival; the next steal
         may follow at once: one at a time keeps a busy node from holding what an idle one could
         start)."""
         if queued == 0 and free_slots > 0 and free_kv_tokens > 0:
             threshold, max_requests, max_tokens = 0.0, free_slots, free_kv_tokens
-        elif queued == 0 and freeing > 0:
-            threshold, max_requests, max_tokens = 0.0, freeing, max_kv_tokens
-        elif queued > 0 and freeing > 0:
-            threshold, max_requests, max_tokens = own_oldest_waited_s + self.freeing_margin_s, 1, max_kv_tokens
+        elif queued == 0 and freeing > 0 and freeing_kv_tokens > 0:
+            threshold, max_requests, max_tokens = 0.0, freeing, freeing_kv_tokens
+        elif queued > 0 and freeing > 0 and freeing_kv_tokens > 0:
+            threshold, max_requests, max_tokens = own_oldest_waited_s + self.freeing_margin_s, 1, freeing_kv_tokens
         elif queued > 0:  # one at a time: a request queued here is pinned here, so commit little
             margin = self.margin_s + (self.announced_margin_s - self.margin_s) * min(1.0, max(0.0, announced_share))
             threshold, max_requests, max_tokens = own_oldest_waited_s + margin, 1, max_kv_tokens

@@ -128,6 +128,7 @@ class Scheduler:
         self.is_draining = False  # SIGTERM: takes no stolen work, while thieves may still take its queue
         self._reserved_tokens = 0
         self.announced_share = 0.0  # of recent ends, the share announced a step ahead (by max_tokens)
+        self.is_engine_ok = True  # as the last tick heard
         self._last_heartbeat = 0.0
         self._deadlines: list[tuple[float, str]] = []  # heap of own requests' deadlines
 
@@ -140,8 +141,15 @@ class Scheduler:
     @property
     def slots_freeing(self) -> int:
         """Running requests that end with the step now running (one token left of their
-        ``max_tokens``): slots that free at its end. Requests that stop on EOS free theirs unannounced."""
+        ``max_tokens``): slots that free at its end. Requests that stop on EOS free theirs
+        unannounced; a stuck engine frees none."""
+        if not self.is_engine_ok:
+            return 0
         return sum(1 for request in self.running.values() if request.remaining_tokens <= 1)
+
+    def _freeing_kv_tokens(self) -> int:
+        """KV tokens the requests that end with the running step give back."""
+        return sum(self._reservation(r) for r in self.running.values() if r.remaining_tokens <= 1)
 
     @property
     def free_kv_tokens(self) -> int:
@@ -176,9 +184,13 @@ class Scheduler:
         if len(self.pending) >= self.params.max_queue_len:
             return None
         limits = self.params.limits
+        # slots that free with this step and that no request queued ahead (stolen or resumed here,
+        # so pinned: they start first) has claimed yet
+        claimed = sum(1 for r in self.pending if r.is_pinned)
+        freeing = max(0, self.slots_freeing - claimed)
         return balancer.plan(now, self.free_slots, self.free_kv_tokens, len(self.pending),
-                             self._waited(self.pending.head(), now), limits.max_kv_tokens, self.slots_freeing,
-                             self.announced_share)
+                             self._waited(self.pending.head(), now), limits.max_kv_tokens, freeing,
+                             self.announced_share, self.free_kv_tokens + self._freeing_kv_tokens() if freeing else 0)
 
     @staticmethod
     def _waited(request: Request | None, now: float) -> float:
@@ -500,7 +512,9 @@ class Scheduler:
 
     def tick(self, now: float, engine_ok: bool = True) -> Effects:
         """Time passes. ``engine_ok`` is False while this node's engine is stuck in a step: its
-        heartbeats then stop vouching for the tasks it runs for others."""
+        heartbeats then stop vouching for the tasks it runs for others, and no slot of it counts
+        as freeing (its queue is offered whole)."""
+        self.is_engine_ok = engine_ok
         fx = Effects()
         for lease in self.leases.expired(now):
             request = self.requests.get(lease.request_id)

@@ -24,7 +24,8 @@ def idle(b: Balancer, now: float, free_slots: int = 3) -> StealPlan | None:
 def busy(b: Balancer, now: float, own_oldest_waited_s: float, freeing: int = 0,
          announced_share: float = 0.0) -> StealPlan | None:
     return b.plan(now, free_slots=0, free_kv_tokens=0, queued=4, own_oldest_waited_s=own_oldest_waited_s,
-                  max_kv_tokens=9000, freeing=freeing, announced_share=announced_share)
+                  max_kv_tokens=9000, freeing=freeing, announced_share=announced_share,
+                  freeing_kv_tokens=700 if freeing else 0)
 
 
 def test_an_idle_slot_asks_the_peer_whose_oldest_waited_longest_for_anything():
@@ -47,7 +48,7 @@ def test_a_busy_node_whose_slot_frees_with_this_step_takes_anything_older_than_i
     as a pooled queue would start the oldest request anywhere: no margin."""
     b = balancer()
     b.heard("a", grantable=5, oldest_waited_s=0.5, now=10.0)
-    assert busy(b, 10.0, own_oldest_waited_s=0.45, freeing=1) == StealPlan("a", 1, 9000, min_waited_s=0.45)
+    assert busy(b, 10.0, own_oldest_waited_s=0.45, freeing=1) == StealPlan("a", 1, 700, min_waited_s=0.45)
     assert busy(b, 10.0, own_oldest_waited_s=0.5, freeing=1) is None  # not older: ours goes first
 
 
@@ -68,8 +69,9 @@ def test_when_ends_are_announced_a_busy_node_pins_only_much_older_requests():
 def test_a_full_node_with_nothing_queued_steals_only_for_the_slots_that_free_with_this_step():
     b = balancer()
     b.heard("a", grantable=5, oldest_waited_s=3.0, now=10.0)
+    # (what it asks for must fit the KV room it has once they end: the room it has now, and theirs)
     assert b.plan(10.0, free_slots=0, free_kv_tokens=100, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000,
-                  freeing=2) == StealPlan("a", 2, 9000, 0.0)
+                  freeing=2, freeing_kv_tokens=700) == StealPlan("a", 2, 700, 0.0)
     assert b.plan(10.0, free_slots=0, free_kv_tokens=100, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000) is None
     assert b.plan(10.0, free_slots=2, free_kv_tokens=0, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000) is None
 

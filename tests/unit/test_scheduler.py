@@ -292,7 +292,8 @@ def test_a_slot_that_frees_with_the_running_step_lets_a_busy_node_take_any_older
     side.step(0.2)  # req-0 has 1 token left: its slot frees at the end of the step now running
     assert side.sched.slots_freeing == 1
     balancer.heard("peer", grantable=9, oldest_waited_s=0.25, now=0.2)  # older than ours (0.2 s), by less than 0.1
-    assert side.sched.plan_steal(balancer, 0.2) == StealPlan("peer", 1, 10_000, pytest.approx(0.2))
+    # offering what is free once req-0 ends: all but req-1's prompt and max_tokens
+    assert side.sched.plan_steal(balancer, 0.2) == StealPlan("peer", 1, 10_000 - 13, pytest.approx(0.2))
 
 
 def test_a_victim_keeps_the_requests_its_freeing_slots_start_and_offers_the_rest():
@@ -310,6 +311,33 @@ def test_a_victim_keeps_the_requests_its_freeing_slots_start_and_offers_the_rest
     assert [task.request_id for task in grant.tasks] == ["req-3", "req-4"]
     assert (grant.victim_grantable, grant.victim_oldest_waited_s) == (0, 0.0)
     assert [r.request_id for r in side.sched.pending] == ["req-2"]
+
+
+def test_a_freeing_slot_claimed_by_a_stolen_request_is_not_stolen_for_again_and_a_stuck_engine_frees_none():
+    origin, thief = Side("origin"), Side("thief")
+    balancer = Balancer("thief", random.Random(0))
+    balancer.set_members(["origin"])
+    for i in range(6):
+        submit(origin, i, 50, now=0.0)  # 2 run, 4 wait since 0.0
+    submit(thief, 10, 2, now=1.0)
+    submit(thief, 11, 50, now=1.0)
+    submit(thief, 12, 50, now=1.0)  # queued since 1.0
+    thief.step(1.1)  # req-10 has 1 token left
+    assert thief.sched.slots_freeing == 1
+    balancer.heard("origin", grantable=4, oldest_waited_s=1.1, now=1.1)
+    plan = thief.sched.plan_steal(balancer, 1.1)
+    assert plan is not None and plan.max_requests == 1
+    steal = Steal(PROTOCOL_VERSION, "s", "origin", "thief", "thief-name", "model", plan.max_requests,
+                  plan.max_tokens, 1000, plan.min_waited_s)
+    grant, _ = origin.sched.on_steal(steal, 1.1)
+    thief.apply(thief.sched.on_grant(grant, 1.1))
+    assert thief.sched.pending.head().request_id == "req-2"  # type: ignore[union-attr]
+    # 50 ms older than req-2: worth it for a freeing slot (no margin), not for one pinned in the
+    # queue (0.1 s); the one freeing slot is req-2's now
+    balancer.heard("origin", grantable=3, oldest_waited_s=1.15, now=1.1)
+    assert thief.sched.plan_steal(balancer, 1.1) is None
+    thief.sched.tick(1.2, engine_ok=False)
+    assert thief.sched.slots_freeing == 0
 
 
 def test_the_share_of_ends_announced_by_max_tokens_is_a_moving_average():
