@@ -13,7 +13,8 @@ first. Stealing approaches it from both ends:
   anywhere (``docs/decisions.md``, decision 41);
 - just in time: a node whose slot frees with the step now running (a request with one token
   left of its ``max_tokens``) asks then, so that what it takes is at the head of its queue when
-  the slot frees: anything, if its queue is empty; anything older than its own oldest, if not.
+  the slot frees: anything that has waited ``margin_s``, if its queue is empty; anything older
+  than its own oldest, if not.
   A request taken into a queue otherwise is pinned there until that node has a slot, so then
   the margin is wider (``announced_margin_s``) in proportion to the share of the node's ends
   that came announced like that (decision 43).
@@ -120,7 +121,9 @@ class Balancer:
 
         With a free slot and an empty queue: up to ``free_slots`` requests, any age, from the
         peer whose oldest has waited longest. Full with nothing queued: up to ``freeing`` (slots
-        that free with the running step and no queued request has claimed), any age, within
+        that free with the running step and no queued request has claimed) that have waited
+        ``margin_s`` (a thief slower than its victim otherwise takes what the victim would soon
+        start faster itself), within
         ``freeing_kv_tokens`` (what is free once they end); none if no slot frees (work taken now
         would only wait here instead of there). With a queue of our own: one request older than
         our oldest, by ``freeing_margin_s`` if such a slot frees with this step (within
@@ -130,8 +133,8 @@ class Balancer:
         start)."""
         if queued == 0 and free_slots > 0 and free_kv_tokens > 0:
             threshold, max_requests, max_tokens = 0.0, free_slots, free_kv_tokens
-        elif queued == 0 and freeing > 0 and freeing_kv_tokens > 0:
-            threshold, max_requests, max_tokens = 0.0, freeing, freeing_kv_tokens
+        elif queued == 0 and freeing > 0 and freeing_kv_tokens > 0:  # (margin: a slower thief waits for older work)
+            threshold, max_requests, max_tokens = self.margin_s, freeing, freeing_kv_tokens
         elif queued > 0 and freeing > 0 and freeing_kv_tokens > 0:
             threshold, max_requests, max_tokens = own_oldest_waited_s + self.freeing_margin_s, 1, freeing_kv_tokens
         elif queued > 0:  # one at a time: a request queued here is pinned here, so commit little

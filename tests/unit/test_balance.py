@@ -71,7 +71,10 @@ def test_a_full_node_with_nothing_queued_steals_only_for_the_slots_that_free_wit
     b.heard("a", grantable=5, oldest_waited_s=3.0, now=10.0)
     # (what it asks for must fit the KV room it has once they end: the room it has now, and theirs)
     assert b.plan(10.0, free_slots=0, free_kv_tokens=100, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000,
-                  freeing=2, freeing_kv_tokens=700) == StealPlan("a", 2, 700, 0.0)
+                  freeing=2, freeing_kv_tokens=700) == StealPlan("a", 2, 700, 0.1)  # waited 0.1 s at least
+    b.heard("a", grantable=5, oldest_waited_s=0.05, now=10.0)
+    assert b.plan(10.0, free_slots=0, free_kv_tokens=100, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000,
+                  freeing=2, freeing_kv_tokens=700) is None
     assert b.plan(10.0, free_slots=0, free_kv_tokens=100, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000) is None
     assert b.plan(10.0, free_slots=2, free_kv_tokens=0, queued=0, own_oldest_waited_s=0.0, max_kv_tokens=9000) is None
 
