@@ -179,7 +179,8 @@ class Cluster:
         its peers see it at their next read of the members)."""
         node = self.nodes[index]
         self.deferred.discard(index)
-        node.start()
+        if not node.is_alive:
+            node.start()
         node.wait_healthy(timeout)
         return node
 
