@@ -9,6 +9,7 @@ kept up to date so the published load never walks the queue.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -56,12 +57,10 @@ class PendingQueue:
         for request_id in reversed(younger):
             self._items.move_to_end(request_id)
 
-    def oldest_grantable(self) -> Request | None:
-        """The first request a thief could be given (not pinned here)."""
-        return next((r for r in self._items.values() if not r.is_pinned), None)
-
-    def num_grantable(self) -> int:
-        return sum(1 for r in self._items.values() if not r.is_pinned)
+    def grantable(self, after: int = 0) -> list[Request]:
+        """The requests a thief could be given, oldest first: not pinned here, and past the first
+        ``after`` of the queue (those this node starts itself when the running step ends)."""
+        return [r for r in itertools.islice(self._items.values(), after, None) if not r.is_pinned]
 
     def pop_front(self) -> Request:
         _, request = self._items.popitem(last=False)

@@ -25,9 +25,7 @@ requests back after one lease timeout.
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .. import PROTOCOL_VERSION
@@ -143,13 +141,13 @@ class Scheduler:
         """Running requests that end with the step now running (one token left of their
         ``max_tokens``): slots that free at its end. Requests that stop on EOS free theirs
         unannounced; a stuck engine frees none."""
-        if not self.is_engine_ok:
-            return 0
-        return sum(1 for request in self.running.values() if request.remaining_tokens <= 1)
+        return len(self._ending())
 
-    def _freeing_kv_tokens(self) -> int:
-        """KV tokens the requests that end with the running step give back."""
-        return sum(self._reservation(r) for r in self.running.values() if r.remaining_tokens <= 1)
+    def _ending(self) -> list[Request]:
+        """The running requests that end with the step now running (none while the engine is stuck)."""
+        if not self.is_engine_ok:
+            return []
+        return [request for request in self.running.values() if request.remaining_tokens <= 1]
 
     @property
     def free_kv_tokens(self) -> int:
@@ -169,14 +167,8 @@ class Scheduler:
         Nothing while this node does not grant (its engine failed)."""
         if not self.is_accepting_steals:
             return 0, 0.0
-        offered = [r for r in self._offered() if not r.is_pinned]
+        offered = self.pending.grantable(self.slots_freeing)  # (what starts here within a step does not travel)
         return len(offered), self._waited(offered[0] if offered else None, now)
-
-    def _offered(self) -> Iterator[Request]:
-        """The queue as thieves may take from it: all but its first ``slots_freeing`` requests,
-        which this node starts itself when the running step ends (a request that starts here
-        within a step does not travel)."""
-        return itertools.islice(self.pending, self.slots_freeing, None)
 
     def plan_steal(self, balancer: Balancer, now: float) -> StealPlan | None:
         """The steal this node should send now, if any (``balance.Balancer.plan``); none while
@@ -186,11 +178,13 @@ class Scheduler:
         limits = self.params.limits
         # slots that free with this step and that no request queued ahead (stolen or resumed here,
         # so pinned: they start first) has claimed yet
+        ending = self._ending()
         claimed = sum(1 for r in self.pending if r.is_pinned)
-        freeing = max(0, self.slots_freeing - claimed)
+        freeing = max(0, len(ending) - claimed)
+        freeing_kv = self.free_kv_tokens + sum(self._reservation(r) for r in ending) if freeing else 0
         return balancer.plan(now, self.free_slots, self.free_kv_tokens, len(self.pending),
                              self._waited(self.pending.head(), now), limits.max_kv_tokens, freeing,
-                             self.announced_share, self.free_kv_tokens + self._freeing_kv_tokens() if freeing else 0)
+                             self.announced_share, freeing_kv)
 
     @staticmethod
     def _waited(request: Request | None, now: float) -> float:
@@ -318,6 +312,7 @@ class Scheduler:
         thief decodes whole."""
         reason: GrantReason = "ok"
         chosen: list[tuple[Request, Task]] = []
+        kept = self.slots_freeing  # the head of the queue this node starts itself as the step ends
         if not self.is_accepting_steals:
             reason = "not_accepting"
         elif steal.model_id != self.params.model_id:
@@ -325,7 +320,7 @@ class Scheduler:
         else:
             size = GRANT_OVERHEAD_BYTES
             # select_grant fits every task into the thief's offer at kv_reservation's full form
-            for request in select_grant(self._offered(), steal.max_requests, steal.max_tokens, steal.max_model_len,
+            for request in select_grant(self.pending.grantable(kept), steal.max_requests, steal.max_tokens, steal.max_model_len,
                                         steal.thief_id, now - steal.min_waited_s):
                 task = Task(request.request_id, self.params.node_id, self.params.node_name, request.epoch,
                             request.prompt_token_ids, list(request.delivered_token_ids), request.sampling,
@@ -343,7 +338,7 @@ class Scheduler:
                 chosen.append((request, task))
             reason = "ok" if chosen else "empty"
         taken = {request.request_id for request, _ in chosen}
-        offered = [r for r in self._offered() if not r.is_pinned and r.request_id not in taken]
+        offered = [r for r in self.pending.grantable(kept) if r.request_id not in taken]
         left = offered[0] if offered else None  # what is left for the next thief
         grantable = len(offered) if self.is_accepting_steals else 0
         oldest = self._waited(left, now) if grantable else 0.0

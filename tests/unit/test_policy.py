@@ -70,6 +70,7 @@ def test_pending_queue_keeps_arrival_order_and_work_total():
     assert ids(queue) == ["r5", "r0", "r3", "r1", "r4", "r2"]
     queue.remove(c)
     queue.remove(queue.head())  # type: ignore[arg-type]
-    assert queue.oldest_grantable() is a and queue.num_grantable() == 4
+    assert queue.grantable()[0] is a and len(queue.grantable()) == 4
+    assert queue.grantable(after=1) == queue.grantable()[1:]  # the head is kept (its slot frees now)
     queue.remove(a)
     assert queue.pop_front() is stolen and queue.head() is b and queue.total_work == 40 + 20
