@@ -1,6 +1,9 @@
-"""Load a model: a built-in preset (deterministic random weights) or a local Hugging Face
+"""Load a model: a built-in preset (deterministic random weights), a local Hugging Face
 directory (config.json, *.safetensors with optional index, tokenizer.json,
-generation_config.json). Every problem is a ``ModelLoadError`` with one clear line.
+generation_config.json), or a hub id (``owner/name``) found in the local Hugging Face cache.
+Weights are named as transformers saves them, or as ERNIE's PaddlePaddle release does
+(``ernie.*``, see ``LlamaModel.paddle_tensors``). Every problem is a ``ModelLoadError`` with one
+clear line.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
+from .hf_cache import is_hub_id, snapshot_dir
 from .model import LlamaModel
 from .model_config import PRESETS, ModelConfig
 from .tokenizer import ByteTokenizer, HFTokenizer
@@ -48,7 +52,9 @@ def load(source: str, dtype: str = "auto", device: str = "cpu", seed: int = 0) -
     torch_dtype = resolve_dtype(dtype, dev)
     if source in PRESETS:
         return _load_preset(source, torch_dtype, dev, seed)
-    return _load_dir(Path(source), torch_dtype, dev)
+    if not Path(source).exists() and is_hub_id(source):
+        return _load_dir(snapshot_dir(source), torch_dtype, dev, source)
+    return _load_dir(Path(source), torch_dtype, dev, Path(source).name)
 
 
 def _load_preset(name: str, dtype: torch.dtype, device: torch.device, seed: int) -> LoadedModel:
@@ -115,9 +121,12 @@ def _weights_digest(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_dir(root: Path, dtype: torch.dtype, device: torch.device, model_name: str) -> LoadedModel:
     if not root.is_dir():
         raise ModelLoadError(f"model {str(root)!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
+    if (root / "tokenizer.model").is_file() and not (root / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{root}: missing tokenizer.json; a sentencepiece tokenizer.model is not supported "
+                             f"(convert it, e.g. AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
     for needed in ("config.json", "tokenizer.json"):
         if not (root / needed).is_file():
             raise ModelLoadError(f"{root}: missing {needed}")
@@ -133,10 +142,10 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
         model = LlamaModel(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.rope.rebuild(device)
-    targets = model.hf_tensors()
-    seen: set[str] = set()
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    targets = model.paddle_tensors() if _is_paddle_checkpoint(files[0]) else model.hf_tensors()
+    seen: set[str] = set()
     for i, f in enumerate(files):
         log.info("loading weights %d/%d: %s", i + 1, len(files), f.name)
         try:
@@ -147,6 +156,8 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
                             continue
                         raise ModelLoadError(f"{f.name}: unexpected tensor {name!r} for {cfg.architecture}")
                     tensor = st.get_tensor(name)
+                    if not tensor.is_floating_point():
+                        raise ModelLoadError(f"{f.name}: tensor {name!r} has dtype {tensor.dtype}, not a float")
                     target = targets[name]
                     if tuple(tensor.shape) != tuple(target.shape):
                         raise ModelLoadError(f"{f.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -154,9 +165,7 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
                     with torch.no_grad():
                         target.copy_(tensor.to(dtype))
                     seen.add(name)
-        except (OSError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, ModelLoadError):
-                raise
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise ModelLoadError(f"{f}: cannot read safetensors: {exc}") from None
     expected = set(targets)
     missing = sorted(expected - seen)
@@ -167,4 +176,15 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device) -> LoadedMod
     model.eval()
     tokenizer = HFTokenizer(root / "tokenizer.json")
     # The id covers what changes tokens: config, weights and the dtype they run in.
-    return LoadedModel(cfg, model, tokenizer, cfg.model_id(f"{_weights_digest(files)}:{dtype}"), root.name, root)
+    return LoadedModel(cfg, model, tokenizer, cfg.model_id(f"{_weights_digest(files)}:{dtype}"), model_name, root)
+
+
+def _is_paddle_checkpoint(shard: Path) -> bool:
+    """Whether the tensors are named as ERNIE's PaddlePaddle release names them (``ernie.*``)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(shard), framework="pt", device="cpu") as st:
+            return any(name.startswith("ernie.") for name in st.keys())
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelLoadError(f"{shard}: cannot read safetensors: {exc}") from None

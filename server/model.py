@@ -1,4 +1,4 @@
-"""A Llama-style decoder (Llama, Mistral, Qwen2) over a flattened batch and a paged KV cache."""
+"""A Llama-style decoder (Llama, Mistral, Qwen2, ERNIE 4.5 dense) over a flattened batch and a paged KV cache."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class FusedOps(NamedTuple):
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
-    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
 
 
 def load_fused_ops() -> FusedOps:
@@ -60,7 +60,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         # q, k and v projections packed in one matmul: [q_size + 2 * kv_size, hidden]
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.linear_bias)
         self.rope = rope
         self.scale = cfg.head_dim ** -0.5
         self.ops: FusedOps | None = None
@@ -73,7 +73,7 @@ class Attention(nn.Module):
         k = k.reshape(tokens, self.cfg.num_kv_heads, self.cfg.head_dim)  # [tokens, kv_heads, dim]
         v = v.reshape(tokens, self.cfg.num_kv_heads, self.cfg.head_dim)
         if self.ops is not None:
-            self.ops.rotary(q, k, positions, self.rope.cos, self.rope.sin)  # in place
+            self.ops.rotary(q, k, positions, self.rope.cos, self.rope.sin, self.rope.interleaved)  # in place
         else:
             q, k = self.rope(positions, q, k)
         o = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, dim]
@@ -84,8 +84,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # packed
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.linear_bias)  # packed
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.linear_bias)
         self.ops: FusedOps | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,8 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+                               cfg.rope_interleaved)
         self.model = Backbone(cfg, rope)
         self.rope = rope
         self.fused = False  # see use_fused_ops
@@ -168,6 +169,19 @@ class LlamaModel(nn.Module):
             for hf_name, (target, index) in _PACKED.items():
                 if target == packed:
                     out[".".join(hf_name if p == packed else p for p in parts)] = views[index]
+        return out
+
+    def paddle_tensors(self) -> dict[str, torch.Tensor]:
+        """The same for ERNIE's PaddlePaddle checkpoints (``ernie.layers.0.self_attn.qkv_proj.weight``,
+        ...): their q/k/v and gate/up come packed in our order, and a linear layer's weight is stored
+        [in, out], so those views are transposed."""
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.named_parameters():
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            paddle_name = name.replace("model.", "ernie.", 1).replace("gate_up_proj", "up_gate_proj")
+            is_linear_weight = param.dim() == 2 and "embed_tokens" not in name
+            out[paddle_name] = param.data.t() if is_linear_weight else param.data
         return out
 
     @torch.inference_mode()

@@ -1,4 +1,9 @@
-"""Rotary position embeddings, with the ``llama3`` frequency scaling of Llama 3.x configs."""
+"""Rotary position embeddings, with the ``llama3`` frequency scaling of Llama 3.x configs.
+
+Two layouts of the rotated pairs within a head: Hugging Face's "rotate half" (Llama, Qwen2,
+Mistral), where dims i and i + head_dim/2 are a pair, and the interleaved (GPT-J) one of ERNIE
+4.5, where dims 2i and 2i+1 are. Pair i turns by the same angle in both: the tables are shared.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +33,11 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
 class RotaryEmbedding(torch.nn.Module):
     """Precomputed cos/sin tables; ``forward`` rotates q and k at the given positions."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 interleaved: bool = False):
         super().__init__()
         self._args = (head_dim, max_positions, theta, scaling)
+        self.interleaved = interleaved
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.rebuild(torch.device("cpu"))
@@ -49,10 +56,13 @@ class RotaryEmbedding(torch.nn.Module):
         # q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim], positions: [tokens]
         cos = self.cos[positions].unsqueeze(1)  # [tokens, 1, head_dim/2]
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(q, cos, sin, self.interleaved), _rotate(k, cos, sin, self.interleaved)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Hugging Face's "rotate_half" layout: the two halves of head_dim are the pair.
-    x1, x2 = x.float().chunk(2, dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    xf = x.float()
+    if interleaved:  # dims 2i and 2i+1 are pair i
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [tokens, heads, head_dim/2] each
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(x.dtype)
+    x1, x2 = xf.chunk(2, dim=-1)  # "rotate half": dims i and i + head_dim/2 are pair i
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
