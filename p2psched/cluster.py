@@ -45,15 +45,17 @@ class NodeProcess:
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None  # working directory of the process (``-m`` imports from it first)
+    host: str = "127.0.0.1"  # where its HTTP port is reached from here
+    launcher: list[str] = field(default_factory=list)  # runs the command, e.g. ip netns exec NS
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "p2psched.server", *self.args],
+            self.proc = subprocess.Popen([*self.launcher, sys.executable, "-m", "p2psched.server", *self.args],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
 
     @property
@@ -131,16 +133,21 @@ class Cluster:
     e.g. fixed ZeroMQ ports so a node restarted with ``restart_node`` comes back where peers dial.
     ``http_ports`` fixes the HTTP ports (default: free ports, picked once). Nodes whose indexes are
     in ``deferred`` are not started with the cluster: ``start_node`` starts one later (a node
-    joining a running cluster)."""
+    joining a running cluster). ``hosts[i]``, when given, is node i's (address, launcher): its
+    HTTP port is reached at that address and its command runs under the launcher (the multi-host
+    lab of ``bench/netns.py`` gives each node a network namespace)."""
 
     def __init__(self, num_nodes: int, node_args: list[str] | None = None, topic: str = "default",
                  scheduler_name: str = "global", log_dir: str | None = None, redis: EmbeddedRedis | None = None,
                  start_timeout: float = 60.0, per_node_args: Sequence[Sequence[str]] | None = None,
-                 http_ports: Sequence[int] | None = None, deferred: Sequence[int] = ()):
+                 http_ports: Sequence[int] | None = None, deferred: Sequence[int] = (),
+                 hosts: Sequence[tuple[str, Sequence[str]]] | None = None):
         if per_node_args is not None and len(per_node_args) != num_nodes:
             raise ValueError(f"per_node_args has {len(per_node_args)} entries for {num_nodes} nodes")
         if http_ports is not None and len(http_ports) != num_nodes:
             raise ValueError(f"http_ports has {len(http_ports)} entries for {num_nodes} nodes")
+        if hosts is not None and len(hosts) != num_nodes:
+            raise ValueError(f"hosts has {len(hosts)} entries for {num_nodes} nodes")
         self.start_timeout = start_timeout  # seconds for every node to be healthy (and see its peers)
         self.redis = redis or EmbeddedRedis()
         self._owns_redis = redis is None
@@ -154,11 +161,17 @@ class Cluster:
             while http_ports is None and port in taken:  # the OS may hand the same free port out twice
                 port = free_port()
             taken.add(port)
-            args = ["--port", str(port), "--node-name", name, "--scheduler-name", scheduler_name,
+            # A cluster on this host binds loopback (nodes default to every interface, with a warning
+            # without CurveZMQ keys); a lab host's node keeps the default and finds its own address.
+            bind = [] if hosts is not None else ["--host", "127.0.0.1"]
+            args = [*bind, "--port", str(port), "--node-name", name, "--scheduler-name", scheduler_name,
                     "--scheduler-host", self.redis.host, "--scheduler-port", str(self.redis.port),
                     "--scheduler-topic", topic, *(node_args or []),
                     *(per_node_args[i] if per_node_args is not None else [])]
-            self.nodes.append(NodeProcess(name, port, args, self.log_dir / f"{name}.log"))
+            node = NodeProcess(name, port, args, self.log_dir / f"{name}.log")
+            if hosts is not None:
+                node.host, node.launcher = hosts[i][0], list(hosts[i][1])
+            self.nodes.append(node)
         if any(not 0 <= i < num_nodes for i in deferred):
             raise ValueError(f"deferred names a node outside 0..{num_nodes - 1}")
         self.deferred = set(deferred)

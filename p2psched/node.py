@@ -40,6 +40,7 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from . import PROTOCOL_VERSION
+from .addresses import advertised_host
 from .containment import Containment, OncePerMinute
 from .core.config import NodeConfig
 from .core.engine import ChatTemplateFn, EngineOutput, TextStreamFactory, Tokenizer
@@ -114,6 +115,7 @@ class Node:
         self.http_url = ""
         self.steal_endpoint = ""
         self.result_endpoint = ""
+        self.address_warning = ""  # why peers on other hosts cannot reach us (addresses.py); "" when they can
         self.containment = Containment(self.stats)
         self._seq = 0
         self._handles: dict[str, Handle] = {}
@@ -227,12 +229,16 @@ class Node:
                 self.curve.make_server(self._result_sock)
             steal_port = self._bind(self._steal_sock, "steal", cfg.steal_port)
             result_port = self._bind(self._result_sock, "result", cfg.result_port)
-            self.steal_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_steal_port or steal_port}"
-            self.result_endpoint = f"tcp://{cfg.public_host}:{cfg.advertise_result_port or result_port}"
+            advertised = advertised_host(cfg)
+            self.address_warning = advertised.warning
+            if advertised.warning:
+                log.warning("*** this node %s ***", advertised.warning)
+            self.steal_endpoint = f"tcp://{advertised.host}:{cfg.advertise_steal_port or steal_port}"
+            self.result_endpoint = f"tcp://{advertised.host}:{cfg.advertise_result_port or result_port}"
             http = HttpServer(self)
             self._http = http
             try:
-                self.http_url = await http.start(cfg.host, cfg.port, cfg.public_host, cfg.metrics_port)
+                self.http_url = await http.start(cfg.host, cfg.port, advertised.host, cfg.metrics_port)
             except OSError as exc:
                 raise ConfigError(f"cannot serve HTTP on {cfg.host} port {cfg.port}"
                                   f"{'' if cfg.metrics_port is None else f' / metrics {cfg.metrics_port}'}: "
@@ -523,7 +529,7 @@ class Node:
         return NodeRecord(self.node_id, self.name, PROTOCOL_VERSION, self.engine.model_id, self.steal_endpoint,
                           self.result_endpoint, self.http_url, self.started_at, time.time(),
                           load["pending"], load["pending_tokens"], load["running"], load["free_slots"],
-                          load["free_kv_tokens"], self.curve.public_key if self.curve else "")
+                          load["free_kv_tokens"], self.curve.public_key if self.curve else "", self.address_warning)
 
     async def _refresh_peers(self) -> None:
         """Read who the members are (``Registry.members``: the records of new members, of peers
@@ -600,7 +606,8 @@ class Node:
         while not self.is_draining:
             try:
                 read_members = bool(self._suspects) or self._refresh_soon.is_set()
-                if time.monotonic() >= next_heartbeat:
+                heartbeat = time.monotonic() >= next_heartbeat
+                if heartbeat:
                     next_heartbeat = time.monotonic() + interval
                     await self._registry.heartbeat(self._record())
                     read_members = read_members or heartbeats % MEMBERS_EVERY == 0
@@ -608,9 +615,10 @@ class Node:
                 if read_members:
                     self._refresh_soon.clear()
                     await self._refresh_peers()
-                if self.is_registry_stale:
-                    log.info("registry reachable again: re-registered")
-                self.is_registry_stale = False
+                if heartbeat or read_members:  # a timer that fired early sent nothing: it proves nothing
+                    if self.is_registry_stale:
+                        log.info("registry reachable again: re-registered")
+                    self.is_registry_stale = False
                 self._wake_stealer_if_idle()
             except RegistryUnavailable as exc:
                 self.stats.registry_errors += 1

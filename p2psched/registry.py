@@ -14,6 +14,11 @@ certificate) go to redis-py's own options. ``verify_access`` runs every command 
 on our key names, so a node whose login, ACL rules or certificates Redis refuses stops at start
 with one line, while a Redis that is merely unreachable lets it start and serve alone (DESIGN §4).
 
+Sentinel: with ``--scheduler-sentinels`` the client is redis-py's Sentinel client of the master
+named by ``--scheduler-sentinel-master``; every new connection asks the sentinels where the master
+is. A failover reads as a short outage (``RegistryUnavailable``); the next heartbeat after it
+writes the whole record to the new master (loading the heartbeat script there if it lacks it).
+
 Run ``python -m p2psched.registry`` to list the nodes (table, ``--json`` or ``--watch``).
 """
 
@@ -34,6 +39,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from .cli import Parser
@@ -78,6 +84,7 @@ class NodeRecord:
     free_slots: int = 0
     free_kv_tokens: int = 0
     public_key: str = ""  # CurveZMQ public key (z85) of the node's sockets; "" without keys
+    warning: str = ""  # why peers on other hosts cannot reach the node (a loopback address); "" when they can
 
     @property
     def load_score(self) -> int:
@@ -94,6 +101,8 @@ class NodeRecord:
                 return f"unusable endpoint {endpoint[:80]!r}"
         if self.public_key and (len(self.public_key) != 40 or not self.public_key.isprintable()):
             return "bad public key"
+        if len(self.warning) > 1024:
+            return "warning too long"
         if min(self.pending, self.pending_tokens, self.running) < 0 or max(self.pending, self.running) > 1 << 31:
             return "load out of range"
         return None
@@ -176,17 +185,59 @@ def _tls_options(cfg: SchedulerConfig) -> dict[str, Any]:
             "ssl_keyfile": cfg.tls_key_file or None}
 
 
+def _fail_fast(cfg: SchedulerConfig, timeout: float) -> dict[str, Any]:
+    """Connection options of every client here: no retries, short timeouts, TLS if asked."""
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0, **_tls_options(cfg)}
+
+
 def connect(cfg: SchedulerConfig, timeout: float | None = None) -> aioredis.Redis:
     """An asyncio client that fails fast: callers decide when to retry. The default timeout is
     0.5 s, 2 s over TLS (a handshake to a remote Redis takes round trips of its own).
 
+    With ``--scheduler-sentinels``, redis-py's client of the master the sentinels name: each new
+    connection asks them (the one that answered last first) where the master is, and a connection
+    that fails is dropped, so the command after a failover goes to the new master. The sentinels
+    get the same timeouts and TLS options but no login (docs/registry.md, "Sentinel").
+
     Raises ``ConfigError`` when the password file or a TLS file cannot be read."""
     if timeout is None:
         timeout = 2.0 if cfg.tls else 0.5
-    return aioredis.Redis(host=cfg.host, port=cfg.port, db=cfg.db, username=cfg.username or None,
-                          password=redis_password(cfg), socket_timeout=timeout,
-                          socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
-                          health_check_interval=0, **_tls_options(cfg))
+    login: dict[str, Any] = {"db": cfg.db, "username": cfg.username or None, "password": redis_password(cfg)}
+    if not cfg.sentinels:
+        return aioredis.Redis(host=cfg.host, port=cfg.port, **login, **_fail_fast(cfg, timeout))
+    sentinels = Sentinel(cfg.sentinel_addresses, sentinel_kwargs=_fail_fast(cfg, timeout))  # type: ignore[no-untyped-call]
+    client: aioredis.Redis = sentinels.master_for(cfg.sentinel_master, **login, **_fail_fast(cfg, timeout))
+    return client
+
+
+async def _close(client: aioredis.Redis) -> None:
+    """Close ``client`` and, for a Sentinel client, its sentinels' clients (it does not own them)."""
+    pool = client.connection_pool
+    try:
+        await client.aclose()
+    finally:
+        if isinstance(pool, SentinelConnectionPool):
+            await pool.sentinel_manager.aclose()
+
+
+def redis_location(cfg: SchedulerConfig) -> str:
+    """The registry as messages name it: Redis's address, or the master and its sentinels."""
+    if cfg.sentinels:
+        return f"Redis master {cfg.sentinel_master!r} of the sentinels {cfg.sentinels}"
+    return f"Redis at {cfg.host}:{cfg.port}"
+
+
+def _no_master(cfg: SchedulerConfig) -> str:
+    return (f"no sentinel of {cfg.sentinels} named a live master {cfg.sentinel_master!r} (unreachable, or the "
+            f"master is down and not yet replaced)")
+
+
+def _is_demoted(exc: BaseException) -> bool:
+    """READONLY: a replica answered a write. Under Sentinel, a master that a failover demoted; inside
+    a script it comes as a plain ``ResponseError``."""
+    return isinstance(exc, redis.exceptions.ReadOnlyError) \
+        or (isinstance(exc, redis.exceptions.ResponseError) and "READONLY" in str(exc))
 
 
 def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
@@ -215,8 +266,9 @@ def _tls_reason(error: ssl.SSLError, cfg: SchedulerConfig) -> str:
 def access_error(exc: BaseException, cfg: SchedulerConfig) -> ConfigError | RegistryUnavailable:
     """Translate a redis-py (or socket) error: Redis refused us (a fix in our configuration or
     Redis's is needed) is a ``ConfigError``; Redis could not be reached (yet) is
-    ``RegistryUnavailable``. Messages are one line."""
-    where = f"Redis at {cfg.host}:{cfg.port}"
+    ``RegistryUnavailable``, and so, under Sentinel, are no live master and a demoted one (a
+    failover under way). Messages are one line."""
+    where = redis_location(cfg)
     user = f"user {cfg.username!r}" if cfg.username else "the default user"
     text = " ".join(str(exc).split())
     tls_error = _ssl_error(exc)
@@ -230,6 +282,14 @@ def access_error(exc: BaseException, cfg: SchedulerConfig) -> ConfigError | Regi
     if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.BusyLoadingError,
                         redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)):
         return RegistryUnavailable(text)  # Redis's own state; it may pass
+    if cfg.sentinels:
+        if isinstance(exc, MasterNotFoundError):
+            return RegistryUnavailable(_no_master(cfg))
+        if _is_demoted(exc):  # the sentinels name the new master to the next connection
+            return RegistryUnavailable(f"{where} was demoted by a failover: {text}")
+        if isinstance(exc, redis.exceptions.ResponseError) and re.search(r"unknown command .?SENTINEL", text, re.IGNORECASE):
+            return ConfigError(f"an address in --scheduler-sentinels {cfg.sentinels} is a Redis, not a sentinel: "
+                               f"{text}")
     if isinstance(exc, (redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError,
                         redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)) \
             or (isinstance(exc, redis.exceptions.ResponseError) and _REFUSALS.search(text)):
@@ -269,11 +329,42 @@ async def _outage_or_refusal(exc: RegistryUnavailable, cfg: SchedulerConfig,
     cause, and over TLS a connection reset is asked again (``_tls_refusal``)."""
     cause = exc.__cause__ or exc
     error = access_error(cause, cfg)
-    if isinstance(error, RegistryUnavailable) and cfg.tls \
+    if isinstance(error, RegistryUnavailable) and isinstance(cause, MasterNotFoundError):
+        return await _sentinel_refusal(cfg, timeout) or error
+    if isinstance(error, RegistryUnavailable) and cfg.tls and not cfg.sentinels \
             and isinstance(cause, redis.exceptions.ConnectionError) \
             and not isinstance(cause, redis.exceptions.TimeoutError):
         return await _tls_refusal(cfg, timeout) or error
     return error
+
+
+async def _sentinel_refusal(cfg: SchedulerConfig, timeout: float) -> ConfigError | None:
+    """When no sentinel named a live master: ask each, quietly, which masters it monitors. One
+    that wants a login (p2psched sends sentinels none), or answers that none of them monitors
+    ``--scheduler-sentinel-master``, needs a fix in the configuration; None otherwise."""
+    sentinels = Sentinel(cfg.sentinel_addresses, sentinel_kwargs=_fail_fast(cfg, timeout))  # type: ignore[no-untyped-call]
+    names: set[str] = set()
+    answered = False
+    try:
+        for (host, port), client in zip(cfg.sentinel_addresses, sentinels.sentinels):
+            try:
+                masters = await client.sentinel_masters()  # {name: state} (RESP2)
+                names.update(masters if isinstance(masters, dict) else ())
+                answered = True
+            except redis.exceptions.AuthenticationError as exc:
+                return ConfigError(f"sentinel {host}:{port} wants a login, and p2psched sends sentinels none: "
+                                   f"{' '.join(str(exc).split())} (see 'Sentinel' in docs/registry.md)")
+            except _CONNECTION_ERRORS:
+                continue
+    finally:
+        try:
+            await sentinels.aclose()
+        except _CONNECTION_ERRORS:
+            pass
+    if answered and cfg.sentinel_master not in names:
+        return ConfigError(f"the sentinels {cfg.sentinels} monitor no master named {cfg.sentinel_master!r} (they "
+                           f"monitor: {', '.join(sorted(names)) or 'none'}); give --scheduler-sentinel-master")
+    return None
 
 
 async def _tls_refusal(cfg: SchedulerConfig, timeout: float) -> ConfigError | None:
@@ -362,10 +453,11 @@ class Registry:
             args += [key, value]
         try:
             async with self._one_at_a_time:
+                await self._follow_master()
                 await self._script(keys=[self._keys.node(node_id), self._keys.load(self._keys.shard_of(node_id))],
                                    args=args)
         except _CONNECTION_ERRORS as exc:
-            raise RegistryUnavailable(str(exc)) from exc
+            raise await self._unavailable(exc) from exc
 
     async def deregister(self, node_id: str) -> None:
         try:
@@ -374,7 +466,7 @@ class Registry:
                 pipe.zrem(self._keys.load(self._keys.shard_of(node_id)), node_id)
                 await pipe.execute()
         except _CONNECTION_ERRORS as exc:
-            raise RegistryUnavailable(str(exc)) from exc
+            raise await self._unavailable(exc) from exc
 
     async def nodes(self) -> list[NodeRecord]:
         """Every live node of this topic, most loaded first; prunes index entries that expired."""
@@ -417,10 +509,35 @@ class Registry:
                     await self._client.zrem(self._keys.load(shard), *stale)
             return out
         except _CONNECTION_ERRORS as exc:
-            raise RegistryUnavailable(str(exc)) from exc
+            raise await self._unavailable(exc) from exc
+
+    async def _follow_master(self) -> None:
+        """Under Sentinel, ask the sentinels where the master is before each heartbeat: a failover
+        that leaves the old master up (``SENTINEL FAILOVER``, a healed partition) would otherwise
+        find our connection still writing there until the sentinels demote it, seconds later
+        (redis-py asks only when it connects). A new answer drops the idle connection; no answer
+        changes nothing (the command that follows says whether Redis is reachable)."""
+        pool = self._client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            try:
+                await pool.get_master_address()  # type: ignore[no-untyped-call]
+            except _CONNECTION_ERRORS:
+                pass
+
+    async def _unavailable(self, exc: BaseException) -> RegistryUnavailable:
+        """An outage, for the caller to retry. READONLY from inside the heartbeat script means our
+        connection still goes to a master that a failover demoted (redis-py's Sentinel client
+        notices only a plain READONLY reply): drop the idle connections, so the next command
+        asks the sentinels again."""
+        if self._cfg.sentinels and _is_demoted(exc):
+            try:
+                await self._client.connection_pool.disconnect(inuse_connections=False)
+            except _CONNECTION_ERRORS:
+                pass
+        return RegistryUnavailable(_no_master(self._cfg) if isinstance(exc, MasterNotFoundError) else str(exc))
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await _close(self._client)
 
 
 # ---- python -m p2psched.registry ----
@@ -445,6 +562,9 @@ def _table(records: list[NodeRecord], model_filter: str | None) -> str:
                       str(r.version))
     buf = StringIO()
     Console(file=buf, width=400).print(table)
+    for r in records:
+        if r.warning and not (model_filter and r.model_id != model_filter):
+            buf.write(f"WARNING {r.name} ({r.node_id[:12]}) {r.warning}\n")
     return buf.getvalue()
 
 
@@ -484,6 +604,11 @@ def main(argv: list[str] | None = None) -> int:
                         default="", help="client certificate for Redis (tls-auth-clients)")
     parser.add_argument("--scheduler-tls-key-file", "--tls-key-file", dest="tls_key_file",
                         default="", help="the client certificate's key")
+    parser.add_argument("--scheduler-sentinels", "--sentinels", dest="sentinels", default="",
+                        help="Redis Sentinel addresses, host:port,...: list the nodes in the master they "
+                             "name (--scheduler-host and --scheduler-port are then not used)")
+    parser.add_argument("--scheduler-sentinel-master", "--sentinel-master", dest="sentinel_master",
+                        default="mymaster", help="the master's name at the sentinels (default: mymaster)")
     parser.add_argument("--scheduler-topic", "--topic", dest="topic", default="default")
     parser.add_argument("--scheduler-load-shards-num", "--shards", dest="shards", type=int, default=1)
     parser.add_argument("--model", default=None, help="only nodes serving this model id")
@@ -496,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                               password=args.password, password_file=args.password_file,
                               tls=args.tls, tls_ca_file=args.tls_ca_file,
                               tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
+                              sentinels=args.sentinels, sentinel_master=args.sentinel_master,
                               topic=args.topic, load_shards_num=args.shards)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -512,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RegistryUnavailable as exc:
-        print(f"error: cannot reach Redis at {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"error: cannot reach {redis_location(cfg)}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s " + (config.node_name or "node") + " %(name)s: %(message)s")
     from server.errors import ModelLoadError
 
+    if config.engine_worker_queue_port:
+        log.info("--engine-worker-queue-port %s is FastDeploy's (API server to engine workers) and not applicable "
+                 "here: this node's engine process talks to it over local IPC; the port is not opened",
+                 config.engine_worker_queue_port)
+
     if config.scheduler.is_global:
         # Before the model loads: a refused login, ACL rule or certificate is one line and exit 2;
         # a Redis that is only unreachable lets the node start and serve alone (DESIGN §4).

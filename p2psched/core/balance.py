@@ -58,7 +58,7 @@ class StealPlan:
 
 class Balancer:
     def __init__(self, node_id: str, rng: random.Random, margin_s: float = 0.1, fanout: int = 3,
-                 max_age_s: float = 1.0, min_queue: int = 1, freeing_margin_s: float = 0.0,
+                 max_age_s: float = 1.0, min_queue: float = 1, freeing_margin_s: float = 0.0,
                  announced_margin_s: float = 0.3):
         self.node_id = node_id
         self.freeing_margin_s = freeing_margin_s

@@ -29,6 +29,24 @@ def _check_port(name: str, port: int, allow_zero: bool = True) -> None:
     _check(low <= port <= 65535, f"{name} must be in {low}..65535, got {port}")
 
 
+def _parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (``[addr]:port`` for IPv6) as (host, port) pairs, brackets dropped."""
+    addresses: list[tuple[str, int]] = []
+    for entry in (part.strip() for part in text.split(",")) if text.strip() else ():
+        _check(bool(entry), f"scheduler sentinels {text!r} have an empty entry")
+        host, colon, port = entry.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            _check(":" in host, f"scheduler sentinel {entry!r}: brackets are for IPv6 addresses")
+        else:
+            _check(":" not in host, f"scheduler sentinel {entry!r}: write an IPv6 address as [addr]:port")
+        _check(bool(host and colon) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535,
+               f"scheduler sentinel {entry!r} must be host:port with a port in 1..65535")
+        _check((host, int(port)) not in addresses, f"scheduler sentinel {entry!r} is given twice")
+        addresses.append((host, int(port)))
+    return tuple(addresses)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The ``--scheduler-*`` flags, with FastDeploy's names and meanings, plus our timings."""
@@ -50,13 +68,20 @@ class SchedulerConfig:
     tls_cert_file: str = field(default="", metadata=flag(
         "--scheduler-tls-cert-file", "client certificate, for a Redis with tls-auth-clients"))
     tls_key_file: str = field(default="", metadata=flag("--scheduler-tls-key-file", "the client certificate's key"))
+    sentinels: str = field(default="", metadata=flag(
+        "--scheduler-sentinels", "Redis Sentinel addresses, host:port,... ([addr]:port for IPv6): ask them where "
+                                 "the registry's master is and follow its failovers; --scheduler-host and "
+                                 "--scheduler-port are then not used (default: none, Redis at those)"))
+    sentinel_master: str = field(default="mymaster", metadata=flag(
+        "--scheduler-sentinel-master", "name of the master the sentinels monitor (with --scheduler-sentinels)"))
     topic: str = field(default="default", metadata=flag(
         "--scheduler-topic", "namespace: only nodes with the same topic steal from each other"))
     ttl: float = field(default=900.0, metadata=flag(
         "--scheduler-ttl", "seconds a request may wait before it first starts on some engine; then its client "
                            "gets an error"))
-    min_load_score: int = field(default=1, metadata=flag(
-        "--scheduler-min-load-score", "a peer is stolen from only with at least this many requests it could give"))
+    min_load_score: float = field(default=1.0, metadata=flag(
+        "--scheduler-min-load-score", "a peer is stolen from only with at least this many requests it could give "
+                                      "(a float, as FastDeploy's: 2.5 means 3)"))
     load_shards_num: int = field(default=1, metadata=flag(
         "--scheduler-load-shards-num", "shards (sorted sets) of the Redis load index"))
     heartbeat_interval: float = field(default=1.0, metadata=flag(
@@ -77,6 +102,11 @@ class SchedulerConfig:
         _check(bool(self.tls_cert_file) == bool(self.tls_key_file),
                "a Redis TLS client certificate needs its key (and the other way round)")
         _check(self.tls or not (self.tls_ca_file or self.tls_cert_file), "Redis TLS files need --scheduler-tls")
+        _parse_sentinels(self.sentinels)
+        _check(bool(self.sentinel_master) and len(self.sentinel_master) <= 128
+               and self.sentinel_master.isprintable() and " " not in self.sentinel_master,
+               f"scheduler sentinel master must be a name of 1..128 characters without spaces, "
+               f"got {self.sentinel_master!r}")
         _check(bool(self.topic) and len(self.topic) <= 128, "scheduler topic must be 1..128 characters")
         _check(not any(c in self.topic for c in "{}: \t\n"), "scheduler topic must not contain '{', '}', ':' or whitespace")
         _check(self.ttl > 0, f"scheduler ttl must be > 0 seconds, got {self.ttl}")
@@ -88,6 +118,17 @@ class SchedulerConfig:
     @property
     def is_global(self) -> bool:
         return self.name == "global"
+
+    @property
+    def sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
+        """``--scheduler-sentinels`` as (host, port) pairs (IPv6 without brackets); () without Sentinel."""
+        return _parse_sentinels(self.sentinels)
+
+    @property
+    def registry_address(self) -> tuple[str, int]:
+        """Where a node first reaches the registry: the first sentinel with Sentinel, else Redis."""
+        sentinels = self.sentinel_addresses
+        return sentinels[0] if sentinels else (self.host, self.port)
 
     @property
     def registry_record_ttl(self) -> float:
@@ -134,12 +175,18 @@ class SimEngineConfig:
 class NodeConfig:
     """One node: HTTP surface, ZeroMQ endpoints, the engine and the scheduler."""
 
-    host: str = field(default="127.0.0.1", metadata=flag("--host", "bind address for HTTP and ZeroMQ"))
+    host: str = field(default="0.0.0.0", metadata=flag(
+        "--host", "bind address for HTTP and ZeroMQ (default: every interface, as FastDeploy's)"))
     advertise_host: str = field(default="", metadata=flag(
-        "--advertise-host", "address peers use to reach this node (default: --host, or 127.0.0.1 for 0.0.0.0)"))
+        "--advertise-host", "address peers use to reach this node (default: --host; for 0.0.0.0 or ::, the "
+                            "address of the interface that routes to Redis)"))
     port: int = field(default=8000, metadata=flag("--port", "HTTP port (also serves /metrics)"))
     metrics_port: int | None = field(default=None, metadata=flag(
         "--metrics-port", "a separate port serving Prometheus /metrics (default: none)"))
+    engine_worker_queue_port: str = field(default="", metadata=flag(
+        "--engine-worker-queue-port", "FastDeploy's port (or comma-separated ports) between its API server and "
+                                      "engine workers: accepted so its launch line starts, logged as not "
+                                      "applicable (the engine here talks to its node over local IPC)"))
     max_concurrent_requests: int = field(default=0, metadata=flag(
         "--max-concurrent-requests", "in-flight HTTP requests before new ones get 429 (default 0: no limit)"))
     steal_port: int = field(default=0, metadata=flag("--steal-port", "ZeroMQ steal port (default 0: any free)"))
@@ -164,8 +211,9 @@ class NodeConfig:
     engine: Literal["real", "sim"] = field(default="real", metadata=flag(
         "--engine", "real: the LLM engine; sim: a cost model for scale experiments", group="engine"))
     model: str = field(default="", metadata=flag(
-        "--model", "a preset (tiny, small, llama-1b: random weights) or a Hugging Face model directory "
-                   "(default: tiny; sim with --engine sim)", group="engine"))
+        "--model", "a preset (tiny, small, llama-1b: random weights), a Hugging Face model directory, or a hub "
+                   "id (owner/name) already in the local Hugging Face cache: nothing is downloaded (default: tiny; "
+                   "sim with --engine sim)", group="engine"))
     device: str = field(default="auto", metadata=flag(
         "--device", "auto (CUDA when available), cpu, cuda or cuda:N", group="engine"))
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(default="auto", metadata=flag(
@@ -193,6 +241,10 @@ class NodeConfig:
         _check_port("port", self.port)
         if self.metrics_port is not None:
             _check_port("metrics port", self.metrics_port)
+        for part in filter(None, self.engine_worker_queue_port.split(",")):
+            _check(part.strip().isdigit(), f"engine worker queue port must be a port number (or a comma-separated "
+                                           f"list of them), got {self.engine_worker_queue_port!r}")
+            _check_port("engine worker queue port", int(part))
         _check(self.max_concurrent_requests >= 0, "max concurrent requests must be >= 0 (0 = no limit)")
         _check_port("steal port", self.steal_port)
         _check_port("result port", self.result_port)
@@ -223,7 +275,5 @@ class NodeConfig:
         return self.model or ("sim" if self.engine == "sim" else "tiny")
 
     @property
-    def public_host(self) -> str:
-        if self.advertise_host:
-            return self.advertise_host
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+    def binds_every_interface(self) -> bool:
+        return self.host in ("0.0.0.0", "::")

@@ -1,5 +1,6 @@
 import dataclasses
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,11 @@ OLD_FLAGS = {
 
 # (command line, the settings it changes from the defaults): together they use every flag.
 ROUND_TRIPS: list[tuple[list[str], dict[str, Any]]] = [
-    (["--host", "0.0.0.0"], {"host": "0.0.0.0"}),
+    (["--host", "127.0.0.1"], {"host": "127.0.0.1"}),
     (["--advertise-host", "10.0.0.7"], {"advertise_host": "10.0.0.7"}),
     (["--port", "8801"], {"port": 8801}),
     (["--metrics-port", "8802"], {"metrics_port": 8802}),
+    (["--engine-worker-queue-port", "8803,8804"], {"engine_worker_queue_port": "8803,8804"}),
     (["--max-concurrent-requests", "64"], {"max_concurrent_requests": 64}),
     (["--steal-port", "7001"], {"steal_port": 7001}),
     (["--result-port", "7002"], {"result_port": 7002}),
@@ -79,9 +81,11 @@ ROUND_TRIPS: list[tuple[list[str], dict[str, Any]]] = [
      {"scheduler.tls": True, "scheduler.tls_ca_file": "ca.pem", "scheduler.tls_cert_file": "c.pem",
       "scheduler.tls_key_file": "k.pem"}),
     (["--scheduler-tls", "--no-scheduler-tls"], {}),
+    (["--scheduler-sentinels", "s1:26379,[::1]:26380", "--scheduler-sentinel-master", "reg"],
+     {"scheduler.sentinels": "s1:26379,[::1]:26380", "scheduler.sentinel_master": "reg"}),
     (["--scheduler-topic", "blue"], {"scheduler.topic": "blue"}),
     (["--scheduler-ttl", "12.5"], {"scheduler.ttl": 12.5}),
-    (["--scheduler-min-load-score", "5"], {"scheduler.min_load_score": 5}),
+    (["--scheduler-min-load-score", "2.5"], {"scheduler.min_load_score": 2.5}),
     (["--scheduler-load-shards-num", "4"], {"scheduler.load_shards_num": 4}),
     (["--heartbeat-interval", "0.2"], {"scheduler.heartbeat_interval": 0.2}),
     (["--lease-timeout", "1.5"], {"scheduler.lease_timeout": 1.5}),
@@ -130,6 +134,7 @@ def documented_flags() -> dict[str, str]:
     ({"topic": "a{b}"}, "topic"),
     ({"ttl": 0}, "ttl"),
     ({"min_load_score": 0}, "min load score"),
+    ({"min_load_score": 0.5}, "min load score"),
     ({"load_shards_num": 0}, "load shards"),
     ({"lease_timeout": -1}, "lease timeout"),
 ])
@@ -138,14 +143,21 @@ def test_bad_scheduler_values_are_rejected(changes, message):
         dataclasses.replace(SchedulerConfig(), **changes)
 
 
+# FastDeploy's load-balancing guide, flag for flag, but for the module (the model is a directory in tests)
+SEED_LAUNCH_LINE = (
+    '--port 8801 --metrics-port 8802 --engine-worker-queue-port 8803 --model baidu/ERNIE-4.5-0.3B-Paddle '
+    '--scheduler-name global --scheduler-ttl 900 --scheduler-host "127.0.0.1" --scheduler-port 6379 '
+    '--scheduler-db 0 --scheduler-password "" --scheduler-topic "default" --scheduler-min-load-score 3 '
+    '--scheduler-load-shards-num 1')
+
+
 def test_fastdeploy_flags_map_onto_the_config():
-    args = build_parser().parse_args([
-        "--port", "8801", "--scheduler-name", "global", "--scheduler-ttl", "900", "--scheduler-host", "127.0.0.1",
-        "--scheduler-port", "6379", "--scheduler-db", "0", "--scheduler-password", "", "--scheduler-topic",
-        "default", "--scheduler-min-load-score", "3", "--scheduler-load-shards-num", "1", "--use-cudagraph"])
+    args = build_parser().parse_args([*shlex.split(SEED_LAUNCH_LINE), "--use-cudagraph"])
     cfg = config_from_args(args)
-    assert cfg.port == 8801 and cfg.scheduler.is_global and cfg.scheduler.ttl == 900.0
-    assert cfg.scheduler == SchedulerConfig(name="global", ttl=900.0, min_load_score=3)
+    assert cfg.port == 8801 and cfg.metrics_port == 8802 and cfg.engine_worker_queue_port == "8803"
+    assert cfg.model == "baidu/ERNIE-4.5-0.3B-Paddle"
+    assert cfg.scheduler.is_global and cfg.scheduler.ttl == 900.0
+    assert cfg.scheduler == SchedulerConfig(name="global", ttl=900.0, min_load_score=3.0)
     assert cfg.cuda_graphs == "on"
     assert isinstance(cfg, NodeConfig)
 
