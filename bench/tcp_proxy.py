@@ -213,3 +213,48 @@ class ProxyThread:
             fn(*args)
 
         self._call(call())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.tcp_proxy --host H --forward 7001:6001 ... --delay-ms D``: forward each
+    listen port to its target port on ``H``, every chunk held ``D`` ms, until SIGTERM. Prints
+    ``ready`` once every port listens (the multi-host lab runs one in each network namespace)."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m bench.tcp_proxy", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on and forward to")
+    parser.add_argument("--forward", action="append", default=[], metavar="LISTEN:TARGET",
+                        help="a listen port and the port it forwards to (repeatable)")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="hold each chunk this long, both ways")
+    args = parser.parse_args(argv)
+    try:
+        pairs = [tuple(int(port) for port in spec.split(":")) for spec in args.forward]
+        if not pairs or any(len(pair) != 2 for pair in pairs) or args.delay_ms < 0:
+            raise ValueError
+    except ValueError:
+        print(f"{parser.prog}: error: give --forward LISTEN:TARGET at least once, and --delay-ms >= 0",
+              file=sys.stderr)
+        return 2
+
+    async def serve() -> None:
+        proxies = [LinkProxy(f"{listen}->{target}", listen, target, args.host) for listen, target in pairs]
+        for proxy in proxies:
+            proxy.set_delay(args.delay_ms)
+            await proxy.start()
+        print("ready", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        for proxy in proxies:
+            await proxy.close()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

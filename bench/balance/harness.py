@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,19 +50,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import redis as redis_lib
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from p2psched.cluster import Cluster
-from p2psched.redis_server import free_port
+from p2psched.redis_server import EmbeddedRedis, free_port
 
+from ..netns import lab_cluster, unavailable
 from .fastdeploy import Chunk, Engine, Event, FdConfig, FdScheduler
 from .metrics import RequestRecord, idle_slot_waits, summarize
 from .simulate import ClusterSpec, simulate
@@ -92,6 +93,7 @@ class Setup:
     join_at: float | None = None  # one more node joins after this fraction of the requests
     leave_at: float | None = None  # node 1 leaves after this fraction of the requests
     capacity_rps: float | None = None  # given: used as is; None: measured before the run
+    rtt_ms: float | None = None  # given: each node and Redis on a host of its own, links delayed (bench/netns.py)
 
     @property
     def total_nodes(self) -> int:
@@ -116,8 +118,11 @@ class Setup:
         base = ClusterSpec()
         cost = dataclasses.replace(base.cost, decode_step_ms=self.decode_step_ms,
                                    prefill_ms_per_token=self.prefill_ms_per_token)
+        network = {} if self.rtt_ms is None else {"latency_s": base.latency_s + self.rtt_ms / 2000,
+                                                   "redis_latency_s": base.redis_latency_s + self.rtt_ms / 2000}
         return ClusterSpec(nodes=self.total_nodes, max_num_seqs=self.max_num_seqs, cost=cost,
-                           slowdowns=(self.slow_factor,), min_load_score=self.min_load_score, seed=self.seed)
+                           slowdowns=(self.slow_factor,), min_load_score=self.min_load_score, seed=self.seed,
+                           **network)  # type: ignore[arg-type]
 
     def work_spec(self) -> WorkloadSpec:
         def index(fraction: float | None) -> int | None:
@@ -157,8 +162,7 @@ def measure_capacity(setup: Setup, log_dir: Path, progress: Progress) -> tuple[f
     per_node = 2 * setup.max_num_seqs
     task = progress.add_task("capacity", total=per_node * setup.nodes)
     prompt_tokens = max(1, round(work.mean_prompt_tokens))
-    with Cluster(setup.nodes, setup.node_args(), scheduler_name="local", log_dir=str(log_dir / "capacity"),
-                 per_node_args=setup.per_node_args()[:setup.nodes]) as cluster:
+    with _cluster(setup, setup.nodes, "local", log_dir / "capacity", setup.per_node_args()[:setup.nodes]) as (cluster, _):
         items = [Item(n * per_node + k, 0.0, n, prompt_tokens, CALIBRATION_TOKENS)
                  for n in range(setup.nodes) for k in range(per_node)]
 
@@ -329,8 +333,23 @@ class Membership:
         return joins, leaves
 
 
+@contextlib.contextmanager
+def _cluster(setup: Setup, num_nodes: int, scheduler: str, log_dir: Path, per_node_args: list[list[str]],
+             deferred: list[int] | None = None) -> Iterator[tuple[Cluster, str]]:
+    """The run's cluster, started, and the Redis URL its nodes dial: on this host, or with
+    ``rtt_ms`` each node and Redis on a lab host of its own (``bench.netns.lab_cluster``)."""
+    if setup.rtt_ms is None:
+        with Cluster(num_nodes, setup.node_args(), scheduler_name=scheduler, log_dir=str(log_dir),
+                     per_node_args=per_node_args, deferred=deferred or ()) as cluster:
+            yield cluster, cluster.redis.url
+        return
+    with lab_cluster(num_nodes, setup.node_args(), setup.rtt_ms, str(log_dir), per_node_args,
+                     scheduler_name=scheduler, deferred=deferred or ()) as built:
+        yield built.cluster, built.redis_url
+
+
 async def _drive(cluster: Cluster, mode: str, items: list[Item], setup: Setup, progress: Progress,
-                 door: str | None) -> tuple[list[RequestRecord], Membership]:
+                 door: str | None, redis_url: str) -> tuple[list[RequestRecord], Membership]:
     """Send every item at its time: to ``door`` (nginx) when given, else to the node the
     item names (client-side round-robin); ``oracle`` places each itself."""
     task = progress.add_task(f"{mode:>10}", total=len(items))
@@ -351,7 +370,8 @@ async def _drive(cluster: Cluster, mode: str, items: list[Item], setup: Setup, p
             progress.advance(task)
 
         if mode == "fastdeploy":
-            await _fastdeploy(cluster, items, setup, t0, records, session, lambda: progress.advance(task), members)
+            await _fastdeploy(cluster, items, setup, t0, records, session, lambda: progress.advance(task), members,
+                              redis_url)
         elif mode != "oracle":
             async def send(item: Item) -> None:
                 await asyncio.sleep(max(0.0, t0 + item.arrival_s - time.monotonic()))
@@ -383,12 +403,14 @@ def _node_engine(session: aiohttp.ClientSession, url: str) -> Engine:
 
 async def _fastdeploy(cluster: Cluster, items: list[Item], setup: Setup, t0: float,
                       records: dict[int, RequestRecord], session: aiohttp.ClientSession,
-                      advance: Callable[[], None], members: Membership) -> None:
+                      advance: Callable[[], None], members: Membership, redis_url: str) -> None:
     """Each item to its origin's FastDeploy scheduler; its record fills as its origin's client
     would see the results (a stolen request's after their trip through Redis). A joining node's
-    scheduler starts when its node does; a leaving node's takes nothing more from Redis."""
+    scheduler starts when its node does; a leaving node's takes nothing more from Redis. The
+    schedulers run here but dial Redis at ``redis_url``, as the nodes do (across the lab's
+    delayed link with ``--netns-rtt-ms``)."""
     config = FdConfig(min_load_score=setup.min_load_score, max_num_seqs=setup.max_num_seqs)
-    schedulers = [FdScheduler(node.name, cluster.redis.url, config, _node_engine(session, node.url),
+    schedulers = [FdScheduler(node.name, redis_url, config, _node_engine(session, node.url),
                               random.Random(f"{setup.seed}-{i}")) for i, node in enumerate(cluster.nodes)]
     started = []
     for i, scheduler in enumerate(schedulers):
@@ -463,10 +485,10 @@ async def _oracle(items: list[Item], setup: Setup, t0: float, one: Any, members:
     await asyncio.gather(*tasks)
 
 
-def _redis_counters(port: int) -> tuple[int, float]:
+def _redis_counters(redis: EmbeddedRedis) -> tuple[int, float]:
     """Commands Redis has run, but for this counter's own connection (HELLO, CLIENT, INFO), and
     the CPU time it has used."""
-    client = redis_lib.Redis(port=port)
+    client = redis.admin_client(timeout=5)
     try:
         stats = client.info("commandstats")
         cpu = client.info("cpu")
@@ -481,12 +503,12 @@ class Nginx:
     """Debian's nginx as the front door: a round-robin upstream of the nodes, SSE unbuffered,
     started in its own prefix folder and stopped with the mode."""
 
-    def __init__(self, node_ports: list[int], folder: Path):
+    def __init__(self, nodes: list[tuple[str, int]], folder: Path):
         folder = folder.resolve()  # nginx reads relative paths from its prefix
         self.folder = folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        servers = "".join(f"    server 127.0.0.1:{port};\n" for port in node_ports)
+        servers = "".join(f"    server {host}:{port};\n" for host, port in nodes)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "tmp").mkdir(exist_ok=True)
         (folder / "nginx.conf").write_text(f"""worker_processes 1;
@@ -544,17 +566,17 @@ def run_mode(mode: str, items: list[Item], setup: Setup, progress: Progress, log
              front: str = "client") -> ModeRun:
     scheduler = "global" if mode == "global" else "local"
     deferred = [setup.nodes] if setup.total_nodes > setup.nodes else []
-    with Cluster(setup.total_nodes, setup.node_args(), scheduler_name=scheduler, log_dir=str(log_dir / mode),
-                 per_node_args=setup.per_node_args(), deferred=deferred) as cluster:
-        before, cpu_before = _redis_counters(cluster.redis.port)
+    with _cluster(setup, setup.total_nodes, scheduler, log_dir / mode, setup.per_node_args(),
+                  deferred) as (cluster, redis_url):
+        before, cpu_before = _redis_counters(cluster.redis)
         started = time.monotonic()
         if front == "nginx" and mode in ("local", "global"):  # the oracle and FastDeploy's schedulers place requests themselves
-            with Nginx([n.port for n in cluster.nodes], log_dir / mode / "nginx") as nginx:
-                records, members = asyncio.run(_drive(cluster, mode, items, setup, progress, nginx.url))
+            with Nginx([(n.host, n.port) for n in cluster.nodes], log_dir / mode / "nginx") as nginx:
+                records, members = asyncio.run(_drive(cluster, mode, items, setup, progress, nginx.url, redis_url))
         else:
-            records, members = asyncio.run(_drive(cluster, mode, items, setup, progress, None))
+            records, members = asyncio.run(_drive(cluster, mode, items, setup, progress, None, redis_url))
         wall = time.monotonic() - started
-        commands, cpu = _redis_counters(cluster.redis.port)
+        commands, cpu = _redis_counters(cluster.redis)
         commands -= before
         cpu -= cpu_before
         node_stats = {n.name: n.stats()["stats"] for n in cluster.nodes if n.is_alive}
@@ -659,9 +681,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="node 1 leaves (SIGTERM: it drains) when this fraction of the requests has arrived")
     p.add_argument("--capacity-rps", type=float, default=None,
                    help="the cluster's capacity in requests/s (default: measured before the run)")
+    p.add_argument("--netns-rtt-ms", type=float, default=None, metavar="MS",
+                   help="put each node and Redis on a host of its own (network namespaces; needs root) with this "
+                        "round trip between hosts, from a TCP proxy (default: every process on this host)")
     p.add_argument("--out", default="out/bench")
     args = p.parse_args(argv)
     problems = []
+    if args.netns_rtt_ms is not None:
+        why_not = unavailable()
+        if args.netns_rtt_ms < 0 or why_not:
+            problems.append(f"--netns-rtt-ms needs a round trip >= 0 ms and network namespaces ({why_not or 'ok'})")
     if args.nodes < 1 or args.requests < 1 or args.max_num_seqs < 1:
         problems.append("--nodes, --requests and --max-num-seqs must be >= 1")
     if not 0 < args.load <= 2 or args.slow_factor <= 0 or args.decode_step_ms <= 0 or args.prefill_ms_per_token < 0:
@@ -685,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup = Setup(args.nodes, args.max_num_seqs, args.decode_step_ms, args.load, args.requests, args.arrival,
                   args.seed, args.min_load_score, args.target, args.slow_factor, args.long_prompt_fraction,
-                  args.prefill_ms_per_token, args.engine, args.join_at, args.leave_at, args.capacity_rps)
+                  args.prefill_ms_per_token, args.engine, args.join_at, args.leave_at, args.capacity_rps,
+                  args.netns_rtt_ms)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
