@@ -70,7 +70,7 @@ def build_engine(config: NodeConfig) -> tuple[Engine, Ready]:
     backend = make_backend(backend_name, torch.device(device))
     engine_config = replace(config.engine_config, decode_graphs=decode_graphs_for(config.cuda_graphs, backend_name))
     engine = RealEngine(loaded, engine_config, backend)
-    tokenizer = ("hf", str(loaded.path / "tokenizer.json")) if loaded.path is not None else ("bytes", "")
+    tokenizer = ("hf", str(loaded.path)) if loaded.path is not None else ("bytes", "")
     return engine, Ready(engine.model_id, engine.limits, tokenizer, str(loaded.path or ""), engine.stats())
 
 
@@ -85,10 +85,10 @@ def build_frontend(ready: Ready) -> tuple[Tokenizer, TextStreamFactory, ChatTemp
         from .sim_engine import SimTokenizer
 
         tokenizer = SimTokenizer()
-    elif kind == "hf":
-        from server.tokenizer import HFTokenizer
+    elif kind == "hf":  # the model directory: tokenizer.json, else sentencepiece's tokenizer.model
+        from server.tokenizer import load_tokenizer
 
-        tokenizer = HFTokenizer(Path(path))
+        tokenizer = load_tokenizer(Path(path))
     else:
         from server.tokenizer import ByteTokenizer
 

@@ -1,6 +1,7 @@
 """Load a model: a built-in preset (deterministic random weights), a local Hugging Face
-directory (config.json, *.safetensors with optional index, tokenizer.json,
-generation_config.json), or a hub id (``owner/name``) found in the local Hugging Face cache.
+directory (config.json, *.safetensors with optional index, tokenizer.json or a sentencepiece
+tokenizer.model, generation_config.json), or a hub id (``owner/name``) found in the local
+Hugging Face cache.
 Weights are named as transformers saves them, or as ERNIE's PaddlePaddle release does
 (``ernie.*``, see ``LlamaModel.paddle_tensors``). Every problem is a ``ModelLoadError`` with one
 clear line.
@@ -22,7 +23,7 @@ from .errors import ModelLoadError
 from .hf_cache import is_hub_id, snapshot_dir
 from .model import LlamaModel
 from .model_config import PRESETS, ModelConfig
-from .tokenizer import ByteTokenizer, HFTokenizer
+from .tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class LoadedModel:
     config: ModelConfig
     model: LlamaModel
-    tokenizer: ByteTokenizer | HFTokenizer
+    tokenizer: ByteTokenizer | HFTokenizer | SentencePieceTokenizer
     model_id: str
     name: str
     path: Path | None = None  # the model directory (None for presets)
@@ -124,12 +125,9 @@ def _weights_digest(files: list[Path]) -> str:
 def _load_dir(root: Path, dtype: torch.dtype, device: torch.device, model_name: str) -> LoadedModel:
     if not root.is_dir():
         raise ModelLoadError(f"model {str(root)!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
-    if (root / "tokenizer.model").is_file() and not (root / "tokenizer.json").is_file():
-        raise ModelLoadError(f"{root}: missing tokenizer.json; a sentencepiece tokenizer.model is not supported "
-                             f"(convert it, e.g. AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
-    for needed in ("config.json", "tokenizer.json"):
-        if not (root / needed).is_file():
-            raise ModelLoadError(f"{root}: missing {needed}")
+    if not (root / "config.json").is_file():
+        raise ModelLoadError(f"{root}: missing config.json")
+    tokenizer = load_tokenizer(root)  # before the weights, so that a bad one fails fast
     raw = _read_json(root / "config.json")
     eos: tuple[int, ...] = ()
     if (root / "generation_config.json").is_file():
@@ -174,7 +172,6 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device, model_name: 
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[assignment]
     model.eval()
-    tokenizer = HFTokenizer(root / "tokenizer.json")
     # The id covers what changes tokens: config, weights and the dtype they run in.
     return LoadedModel(cfg, model, tokenizer, cfg.model_id(f"{_weights_digest(files)}:{dtype}"), model_name, root)
 

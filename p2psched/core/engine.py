@@ -155,7 +155,7 @@ class Step(msgspec.Struct, array_like=True):
 class Ready:
     model_id: str
     limits: EngineLimits
-    tokenizer: tuple[str, str]  # ("bytes" | "sim" | "hf", path): how the node builds the same tokenizer
+    tokenizer: tuple[str, str]  # ("bytes" | "sim" | "hf", model dir): how the node builds the same tokenizer
     model_dir: str  # for the chat template; "" for presets and the sim engine
     stats: EngineStats
 

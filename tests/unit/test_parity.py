@@ -160,8 +160,12 @@ def test_ernie_0_3b_config_and_tensor_names():
     assert {name: tuple(t.shape) for name, t in ours.hf_tensors().items()} == expected
 
 
-def test_a_sentencepiece_only_tokenizer_is_one_clear_line(tmp_path):
+def test_a_broken_sentencepiece_tokenizer_is_one_clear_line(tmp_path):
+    """Without tokenizer.json the loader reads tokenizer.model (tests/unit/test_sentencepiece_tokenizer.py);
+    one that is not a sentencepiece model is refused before any weight is read."""
+    pytest.importorskip("sentencepiece")
     checkpoint(tmp_path, "ernie", True)
     (tmp_path / "tokenizer.json").rename(tmp_path / "tokenizer.model")
-    with pytest.raises(ModelLoadError, match="missing tokenizer.json; a sentencepiece tokenizer.model is not"):
+    with pytest.raises(ModelLoadError, match="tokenizer.model: cannot be read as a sentencepiece model") as error:
         load(str(tmp_path))
+    assert "\n" not in str(error.value)
