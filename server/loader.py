@@ -10,12 +10,10 @@ clear line.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -23,7 +21,7 @@ from .errors import ModelLoadError
 from .hf_cache import is_hub_id, snapshot_dir
 from .model import LlamaModel
 from .model_config import PRESETS, ModelConfig
-from .tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from .tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer, read_json
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +82,10 @@ def _no_tokenizer(name: str) -> ByteTokenizer:
     return ByteTokenizer()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot be read as JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object")
-    return data
-
-
 def _weight_files(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index}: no weight_map")
         files = sorted({root / str(f) for f in weight_map.values()})
@@ -128,10 +116,10 @@ def _load_dir(root: Path, dtype: torch.dtype, device: torch.device, model_name: 
     if not (root / "config.json").is_file():
         raise ModelLoadError(f"{root}: missing config.json")
     tokenizer = load_tokenizer(root)  # before the weights, so that a bad one fails fast
-    raw = _read_json(root / "config.json")
+    raw = read_json(root / "config.json")
     eos: tuple[int, ...] = ()
     if (root / "generation_config.json").is_file():
-        gen_eos = _read_json(root / "generation_config.json").get("eos_token_id")
+        gen_eos = read_json(root / "generation_config.json").get("eos_token_id")
         if gen_eos is not None:
             eos = tuple(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     cfg = ModelConfig.from_hf(raw, eos)

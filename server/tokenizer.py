@@ -174,13 +174,13 @@ def load_tokenizer(model_dir: Path) -> HFTokenizer | SentencePieceTokenizer:
 def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
     """``tokenizer_config.json``; when it has no ``added_tokens_decoder``, with the keys of
     ``special_tokens_map.json`` over its own and ``added_tokens.json`` as that decoder."""
-    config = _read_json(model_dir / "tokenizer_config.json")
+    config = read_json(model_dir / "tokenizer_config.json")
     if "added_tokens_decoder" not in config:
-        config.update(_read_json(model_dir / "special_tokens_map.json"))
+        config.update(read_json(model_dir / "special_tokens_map.json"))
         specials = set(_special_tokens(config))
         config["added_tokens_decoder"] = {
             str(i): {"content": text, "special": text in specials}
-            for text, i in _read_json(model_dir / "added_tokens.json").items()}
+            for text, i in read_json(model_dir / "added_tokens.json").items()}
     return config
 
 
@@ -202,8 +202,8 @@ def _token_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; {} when there is no such file."""
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (a model directory's config files); {} when there is no such file."""
     if not path.is_file():
         return {}
     try:
