@@ -54,7 +54,7 @@ def route_source(host: str, port: int) -> str | None:
 
 @dataclass(frozen=True)
 class Advertised:
-    host: str  # what peers dial, in the steal and result endpoints and the HTTP URL
+    host: str  # what peers dial, in the steal and result endpoints and the HTTP URL (IPv6 in brackets)
     warning: str = ""  # why peers on other hosts cannot reach ``host``; "" when they can
 
 
@@ -71,6 +71,8 @@ def advertised_host(cfg: NodeConfig) -> Advertised:
         host = route_source(redis_host, redis_port) or LOOPBACK
     else:
         host = LOOPBACK
+    if ":" in host and not host.startswith("["):  # an IPv6 address, as endpoints and URLs write it
+        host = f"[{host}]"
     if sched.is_global and is_loopback(host) and not is_loopback(redis_host):
         where = "--advertise-host" if cfg.advertise_host else "--host" if not cfg.binds_every_interface else "the route"
         return Advertised(host, f"advertises the loopback address {host} (from {where}) into a Redis reached at "

@@ -50,3 +50,10 @@ def test_loopback_into_a_remote_redis_is_warned_about(config, source):
 def test_loopback_is_fine_for_a_local_node_or_a_local_redis():
     assert advertised_host(node(host="127.0.0.1", redis="10.0.0.1", name="local")).warning == ""
     assert advertised_host(node(host="127.0.0.1", redis="localhost")).warning == ""
+
+
+def test_an_ipv6_address_is_advertised_in_brackets():
+    assert advertised_host(node(advertise="fd00::7", redis="fd00::1")).host == "[fd00::7]"
+    assert advertised_host(node(host="[fd00::7]")).host == "[fd00::7]"
+    loopback = advertised_host(node(host="::1", redis="fd00::1"))
+    assert loopback.host == "[::1]" and "cannot" in loopback.warning
