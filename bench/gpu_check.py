@@ -222,7 +222,6 @@ def section_kernel_speed(bandwidth: float) -> None:
                 + (" (the engine's)" if partition == picked else ""), f"{read / seconds / 1e9:.0f} GB/s",
                 f"{read / seconds / bandwidth:.0%} of copy {bandwidth / 1e9:.0f} GB/s; "
                 + target(read / seconds / bandwidth >= 0.85, "target >= 85%"))
-        del cache, q
     from kernels.paged_attention import tuned_configs
 
     for kind, picks in tuned_configs().items():
