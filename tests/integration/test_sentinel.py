@@ -210,7 +210,8 @@ def test_nodes_follow_a_failover_under_load_lose_nothing_and_reregister_within_a
                               cluster.topic, "--json")
         assert 0 == listed.returncode, listed.stderr
         assert set(node_ids) == {n["node_id"] for n in json.loads(listed.stdout)}
-        time.sleep(3 * HEARTBEAT_S)  # load goes on a little on the new master
+        answered = len(results)
+        wait_for(lambda: len(results) >= answered + 10, timeout=30)  # load goes on a little on the new master
     finally:
         stop.set()
         for worker in workers:
