@@ -4,7 +4,8 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install install-runtime test unit integration typecheck demo bench bench-micro chaos gpu-check clean
+.PHONY: install install-runtime test unit integration typecheck demo bench bench-micro chaos gpu-check \
+	gpu-baseline clean
 
 # pyproject keeps a torch range; here we pin the CPU build that lies on this kind of machine, so
 # an unpinned install never pulls a multi-GB CUDA build. Override with TORCH_SPEC=... elsewhere.
@@ -60,6 +61,14 @@ gpu-check:
 	@if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile \
 		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
 	PYTHONPATH=$(GPU_SITE):$$PYTHONPATH python3 -m bench.gpu_check
+
+# The kernels/ of an earlier revision in .baseline/ (git-ignored): gpu-check measures them too, as
+# its "before" rows. Default: the last commit before issue 13 changed the kernels.
+BASELINE_REV ?= fc38747
+gpu-baseline:
+	rm -rf .baseline && mkdir -p .baseline
+	git archive $(BASELINE_REV) kernels | tar -x -C .baseline
+	git rev-parse --short $(BASELINE_REV) > .baseline/REV
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

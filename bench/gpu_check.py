@@ -10,6 +10,12 @@
 and first, ``pytest tests/gpu`` (the GPU-only tests: bf16 kernels, the engine with and without
 CUDA graphs against the torch backend and against each other, no compilation while serving).
 
+Before and after: ``make gpu-baseline`` (``REV=``, default the commit before issue 13's kernels)
+extracts that revision's ``kernels/`` into ``.baseline/`` (git-ignored; carry it to the GPU
+machine). When it is there, section 2 runs once more in a child process that imports those
+kernels, and its rows come back as section "before": the same shapes, the old kernels, the same
+run and card.
+
 Each section is timed and guarded: a failure becomes a FAIL row, the others still run.
 """
 
@@ -104,6 +110,21 @@ def section_tests() -> None:
     row("tests", "pytest tests/gpu", counts, "OK" if proc.returncode == 0 else "FAIL")
 
 
+def decode_split(pa, batch: int, kv_heads: int, sm_count: int) -> dict[str, int | None]:
+    """``plan``'s keyword for the engine's split of ``batch`` decode rows, in the API of the kernels
+    imported (issue 13 moved from a fixed partition of keys to a split count chosen per batch)."""
+    if hasattr(pa, "decode_splits"):
+        return {"splits": pa.decode_splits(batch, kv_heads, sm_count)}
+    return {"partition": pa.decode_partition(batch, kv_heads, sm_count)}
+
+
+def split_other(pa, picked: dict[str, int | None]) -> dict[str, int | None]:
+    """The other choice beside the engine's at 64 x 2k: whole rows if it splits, else 4 parts."""
+    if "splits" in picked:
+        return {"splits": 1 if picked["splits"] != 1 else 4}
+    return {"partition": pa.NO_SPLIT if picked["partition"] != pa.NO_SPLIT else size(512, 16)}
+
+
 def section_correctness() -> None:
     from kernels.kv_store import kv_store
     from kernels.paged_attention import paged_attention, plan
@@ -122,13 +143,14 @@ def section_correctness() -> None:
         q = torch.randn(sum(query_lens), kv_heads * group, head_dim, device=DEVICE).to(DTYPE)
         expected = paged_attention_reference(q.float(), cache.float(), query_lens, context_lens, tables,
                                              head_dim ** -0.5)
-        for partition in (None, size(256, 16)):  # whole rows; rows split into parts
+        for splits in (1, 8):  # whole rows; rows split into up to 8 parts
             out = torch.full_like(q, float("nan"))
-            paged_attention(q, cache, plan(query_lens, context_lens, tables, group, q.device, partition=partition),
-                            head_dim ** -0.5, out=out)
+            attn_plan = plan(query_lens, context_lens, tables, group, q.device, splits=splits,
+                             min_partition=size(256, 4))
+            paged_attention(q, cache, attn_plan, head_dim ** -0.5, out=out)
             err = (out.float() - expected).abs().max().item()
             ok = err < 2e-2 and not torch.isnan(out).any().item()
-            row("correct", f"paged attn {str(DTYPE)[6:]} d={head_dim} gqa={group} partition={partition}",
+            row("correct", f"paged attn {str(DTYPE)[6:]} d={head_dim} gqa={group} splits={splits}",
                 f"max err {err:.1e}",
                 "OK (tol 2e-2)" if ok else "FAIL")
     tokens, blocks = size(4096, 64), size(512, 8)
@@ -202,7 +224,7 @@ def section_kernel_speed(bandwidth: float) -> None:
     plain = timed(lambda: rope(positions, rq, rk))
     row("speed", "rotary q+k, 64 tokens (a decode step's shape)", f"{fused * 1e6:.1f} us",
         f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f})")
-    from kernels.paged_attention import NO_SPLIT, decode_partition
+    import kernels.paged_attention as pa
 
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count if not SMOKE else 132
     # (sequences, context, KV block size): issue 13's decode shapes, the first also with 64-token blocks
@@ -211,15 +233,15 @@ def section_kernel_speed(bandwidth: float) -> None:
     for batch, ctx, block in shapes:
         cache, tables = make_cache([ctx] * batch, kv_heads, d, block, DTYPE)
         q = torch.randn(batch, heads, d, device=DEVICE).to(DTYPE)
-        picked = decode_partition(batch, kv_heads, sm_count)
-        # the engine's pick, and at 64 x 2k beside the other choice (whole rows, or parts of 512)
-        others = [NO_SPLIT if picked != NO_SPLIT else size(512, 16)] if (batch, ctx, block) == shapes[0] else []
-        for partition in (picked, *others):
-            p = plan([1] * batch, [ctx] * batch, tables, heads // kv_heads, q.device, partition=partition)
+        picked = decode_split(pa, batch, kv_heads, sm_count)
+        # the engine's pick, and at 64 x 2k beside the other choice (whole rows, or 4 parts)
+        others = [split_other(pa, picked)] if (batch, ctx, block) == shapes[0] else []
+        for split in (picked, *others):
+            p = plan([1] * batch, [ctx] * batch, tables, heads // kv_heads, q.device, **split)
             seconds = timed(lambda: paged_attention(q, cache, p, d ** -0.5))
             read = cache.numel() * cache.element_size()
             row("speed", f"decode attn {batch}x{ctx} block={block} gqa={heads // kv_heads} parts={p.max_parts}"
-                + (" (the engine's)" if partition == picked else ""), f"{read / seconds / 1e9:.0f} GB/s",
+                + (" (the engine's)" if split == picked else ""), f"{read / seconds / 1e9:.0f} GB/s",
                 f"{read / seconds / bandwidth:.0%} of copy {bandwidth / 1e9:.0f} GB/s; "
                 + target(read / seconds / bandwidth >= 0.85, "target >= 85%"))
     from kernels.paged_attention import tuned_configs
@@ -227,6 +249,32 @@ def section_kernel_speed(bandwidth: float) -> None:
     for kind, picks in tuned_configs().items():
         for key, config in picks.items():
             row("tuned", f"{kind} {key}", "", config)
+
+
+def section_before(baseline: str, json_path: str) -> None:
+    """Section 2 again with the kernels of ``baseline/kernels`` (``make gpu-baseline``), in a child
+    process (a module imported once stays imported); its rows, as section "before"."""
+    import subprocess
+
+    if not os.path.isfile(os.path.join(baseline, "kernels", "__init__.py")):
+        row("before", f"no {baseline}/kernels", "-", "run `make gpu-baseline` (and carry .baseline/) to measure them")
+        return
+    rev = open(os.path.join(baseline, "REV")).read().strip() if os.path.exists(os.path.join(baseline, "REV")) \
+        else baseline
+    child_json = json_path + ".before.json"
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--speed-only", "--kernels-from", baseline, "--json", child_json]
+    proc = subprocess.run(cmd + (["--smoke"] if SMOKE else []), timeout=300, check=False)
+    if proc.returncode not in (0, 1) or not os.path.exists(child_json):
+        row("before", f"kernels of {rev}", f"exit {proc.returncode}", "FAIL: see the child's output above")
+        return
+    with open(child_json) as fh:
+        report = json.load(fh)
+    if report["kernels"] != os.path.join(os.path.abspath(baseline), "kernels"):
+        row("before", f"kernels of {rev}", "not imported", f"FAIL: the child ran {report['kernels']}")
+        return
+    for _, what, value, ref in report["rows"]:
+        if not what.startswith("device-to-device"):
+            row("before", f"{what} [{rev}]", value, ref)
 
 
 def section_engine(bandwidth: float) -> None:
@@ -337,7 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=os.environ.get("OUT", "out") + "/gpu_check.json")
     parser.add_argument("--smoke", action="store_true",
                         help="every section on CPU, tiny sizes, kernels interpreted: checks this script, not speed")
+    parser.add_argument("--baseline", default=".baseline",
+                        help="a folder holding older kernels/ (make gpu-baseline): their speed rows as 'before'")
+    parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)  # the "before" child
+    parser.add_argument("--kernels-from", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.kernels_from:  # before anything imports kernels
+        sys.path.insert(0, os.path.abspath(args.kernels_from))
     global DEVICE, DTYPE, SMOKE
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
@@ -350,9 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     bandwidth = copy_bandwidth()
     row("machine", "device-to-device copy (read + write)", f"{bandwidth / 1e9:.0f} GB/s", name)
-    for title, fn in (("tests", section_tests), ("correct", section_correctness),
-                      ("speed", lambda: section_kernel_speed(bandwidth)),
-                      ("engine", lambda: section_engine(bandwidth)), ("cluster", section_cluster)):
+    sections: list[tuple[str, Callable[[], None]]] = [
+        ("tests", section_tests), ("correct", section_correctness), ("speed", lambda: section_kernel_speed(bandwidth)),
+        ("before", lambda: section_before(args.baseline, args.json)), ("engine", lambda: section_engine(bandwidth)),
+        ("cluster", section_cluster)]
+    if args.speed_only:
+        sections = sections[2:3]
+    for title, fn in sections:
         t0 = time.perf_counter()
         try:
             fn()
@@ -366,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:
-        json.dump({"device": name, "rows": ROWS}, fh, indent=1)
+        kernels = sys.modules.get("kernels")  # which kernels/ ran (the "before" child's is checked)
+        where = os.path.dirname(kernels.__file__ or "") if kernels else None
+        json.dump({"device": name, "rows": ROWS, "kernels": where}, fh, indent=1)
     return 0 if not any("FAIL" in r[3] for r in ROWS) else 1
 
 

@@ -10,18 +10,24 @@ end of the context) cuts through the tile, pays for masking.
 
 A step is served by up to two launches that write disjoint rows of the output: decode tokens
 (one query each, a 16-row tile) and prefill chunks (a tall tile, BLOCK_M rows, so K/V tiles are
-reused by many queries). A decode row's keys may be cut into parts of ``partition`` keys
-(flash-decoding, when the batch is too small to fill the GPU): each part writes its
-unnormalised output and (max, sum) to scratch and ``_combine_kernel`` merges them. A row's
-parts depend only on its own context length and ``partition``, never on the grid: the grid
-covers the longest context of the batch (or of the model, in a CUDA graph) and programs past a
-row's context exit at once. So one row gives the same floats in any batch that shares the
-partition, padded or not, replayed or launched (``decode_partition`` picks it from the batch's
-size class only).
+reused by many queries). The grid's first axis is the KV head, so the programs that run side by
+side read neighbouring stretches of the cache (a key's heads lie next to each other); prefill
+query blocks are launched longest span first, so the causal tail is short.
+
+A decode row's keys may be cut into up to ``splits`` parts (flash-decoding, when the batch is too
+small to fill the GPU). ``splits`` comes from the work available: sequences x KV heads against
+the multiprocessors (``decode_splits``). Each row cuts its own context into equal parts, a
+multiple of ``min_partition`` keys long (``part_length``), so a long row is split ``splits`` ways
+whatever its length and a short one not at all; each part writes its unnormalised output and
+(max, sum) to scratch and ``_combine_kernel`` merges a row's parts in one vector step. A row's
+parts depend only on its own context and (``splits``, ``min_partition``), never on the grid:
+the grid's third axis is an upper bound, and programs past a row's parts exit at once. So one
+row gives the same floats in any batch that shares ``splits``, padded or not, replayed or
+launched (``decode_splits`` takes the batch's size class only, never a context length).
 
 Compilation. Triton compiles one variant per specialization key: the constexprs, and for other
 arguments whether an int is 1 or a multiple of 16 and whether a pointer is 16-byte aligned.
-Arguments that change from step to step (the block-table width, scratch strides, the partition,
+Arguments that change from step to step (the block-table width, scratch strides, the split count,
 index tensors that are views into one upload) are excluded with ``do_not_specialize`` /
 ``do_not_specialize_on_alignment``, so serving never compiles (tests/unit/test_kernel_specialization.py
 pins the list).
@@ -50,28 +56,36 @@ def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off
                  PRECISION: tl.constexpr):
     """Online softmax over keys [lo, hi), BLOCK_N at a time; MASKED: keys past ``kv_hi`` or past a row's
     ``position`` are hidden (else every key of the span is visible to every row)."""
+    # Each tile's block numbers are loaded one tile ahead and carried in registers: K/V addresses that
+    # come from a load in their own iteration cost Triton's software pipeliner a stage, and on sm_90
+    # it then kept one K/V buffer whatever num_stages said (tests/unit/test_kernels_compile.py).
+    keys = lo + tl.arange(0, BLOCK_N)
+    block = tl.load(table + keys // BLOCK_SIZE, mask=keys < kv_hi, other=0).to(tl.int64)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        if MASKED:
-            key_ok = keys < kv_hi
-            block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        else:
-            block = tl.load(table + keys // BLOCK_SIZE).to(tl.int64)
+        key_ok = keys < kv_hi
         kv_off = block * stride_cb + (keys % BLOCK_SIZE) * stride_cs + kv_off_head
+        ahead = keys + BLOCK_N
+        block = tl.load(table + ahead // BLOCK_SIZE, mask=ahead < kv_hi, other=0).to(tl.int64)
         if MASKED:
             k = tl.load(Cache + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(Cache + stride_ckv + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
         else:
             k = tl.load(Cache + kv_off[:, None] + d[None, :])
             v = tl.load(Cache + stride_ckv + kv_off[:, None] + d[None, :])
-        # scores in log2 units (scale carries log2(e)): exp2 is the GPU's native exponential
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
+        # Scores in log2 units (scale carries log2(e)): exp2 is the GPU's native exponential. The
+        # scale is applied inside the exponent (one multiply-add per score, not a multiply and a
+        # subtract); scale > 0, so max(qk) * scale is max(qk * scale) exactly.
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)  # [BLOCK_M, BLOCK_N]
         if MASKED:
-            s = tl.where(key_ok[None, :] & (keys[None, :] <= position[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            qk = tl.where(key_ok[None, :] & (keys[None, :] <= position[:, None]), qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key seen yet
+        else:  # every row sees every key of the tile: its maximum is finite
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale)
+            m_safe = m_new
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(qk * scale - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
@@ -80,7 +94,13 @@ def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off
 
 # Index tensors are loaded as scalars or gathers: their alignment buys nothing, and the plan's are views into one
 # upload at offsets that change with the batch.
-@triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ms", "partition"],
+@triton.jit
+def _part_length(context_len, splits, min_partition):
+    """Keys per part of a row of ``context_len`` keys cut into at most ``splits`` parts (``part_length``)."""
+    return tl.cdiv(tl.cdiv(context_len, splits), min_partition) * min_partition
+
+
+@triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ms", "splits", "min_partition"],
             do_not_specialize_on_alignment=["block_tables", "context_lens", "query_lens", "query_starts",
                                             "qblock_seq", "qblock_first"])
 def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, context_lens, query_lens, query_starts,
@@ -88,11 +108,11 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
                       stride_qt, stride_qh, stride_ot, stride_oh,
                       stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt,
                       stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
-                      partition,
+                      splits, min_partition,
                       GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)
+    pid = tl.program_id(1)
     part = tl.program_id(2)
     seq = tl.load(qblock_seq + pid)
     q_first = tl.load(qblock_first + pid)
@@ -102,8 +122,9 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
     # Keys this block needs: up to its last query's position; this part's share of them.
     last = tl.minimum(q_first + BLOCK_Q, query_len) - 1
     kv_end = context_len - query_len + last + 1
+    partition = _part_length(context_len, splits, min_partition)  # >= context_len when splits == 1
     kv_lo = part * partition
-    if kv_lo >= kv_end:  # the grid covers the longest context; this row has no keys here
+    if kv_lo >= kv_end:  # the grid is an upper bound; this row has no part here
         return
     kv_hi = tl.minimum(kv_end, kv_lo + partition)
     num_parts = tl.cdiv(kv_end, partition)
@@ -147,40 +168,45 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
         tl.store(PartL + stat, l_i, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["partition", "stride_ps", "stride_ms"],
+@triton.jit(do_not_specialize=["splits", "min_partition", "stride_ps", "stride_ms"],
             do_not_specialize_on_alignment=["context_lens", "qblock_seq", "query_starts"])
-def _combine_kernel(Out, PartOut, PartM, PartL, context_lens, qblock_seq, query_starts, partition,
+def _combine_kernel(Out, PartOut, PartM, PartL, context_lens, qblock_seq, query_starts, splits, min_partition,
                     stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
-                    HEAD_DIM: tl.constexpr):
-    """Merge the parts of one decode token (program id = its scratch row) for one head, in part
-    order; a row of one part was stored by the attention kernel. The parts' maxima are in log2
-    units, as the attention kernel keeps them."""
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
+                    MAX_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Merge the parts of one decode token (program id 1 = its scratch row) for one head (id 0), all
+    parts in one vector step: a [MAX_SPLITS, HEAD_DIM] tile, lanes past the row's parts masked (a
+    fixed constexpr, so the reduction's order is the same for every split count). A row of one part
+    was stored by the attention kernel. The parts' maxima are in log2 units, as the attention kernel
+    keeps them."""
+    head = tl.program_id(0)
+    pid = tl.program_id(1)
     seq = tl.load(qblock_seq + pid)
-    num_parts = tl.cdiv(tl.load(context_lens + seq), partition)
+    context_len = tl.load(context_lens + seq)
+    num_parts = tl.cdiv(context_len, _part_length(context_len, splits, min_partition))
     if num_parts == 1:
         return
     part_row = pid.to(tl.int64)
     row = tl.load(query_starts + seq).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
-    m_all = float("-inf")
-    for p in range(0, num_parts):
-        m_all = tl.maximum(m_all, tl.load(PartM + p * stride_ms + part_row * stride_mt + head))
-    total = 0.0
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for p in range(0, num_parts):  # every part holds >= 1 visible key: its max is finite
-        weight = tl.exp2(tl.load(PartM + p * stride_ms + part_row * stride_mt + head) - m_all)
-        total += weight * tl.load(PartL + p * stride_ms + part_row * stride_mt + head)
-        acc += weight * tl.load(PartOut + p * stride_ps + part_row * stride_pt + head * stride_ph + d)
-    out = acc / tl.where(total == 0.0, 1.0, total)
+    p = tl.arange(0, MAX_SPLITS)
+    used = p < num_parts  # every used part holds >= 1 visible key: its max is finite
+    stat = p * stride_ms + part_row * stride_mt + head
+    m = tl.load(PartM + stat, mask=used, other=float("-inf"))
+    weight = tl.where(used, tl.exp2(m - tl.max(m, axis=0)), 0.0)
+    total = tl.sum(weight * tl.load(PartL + stat, mask=used, other=0.0), axis=0)
+    parts = tl.load(PartOut + p[:, None] * stride_ps + part_row * stride_pt + head * stride_ph + d[None, :],
+                    mask=used[:, None], other=0.0)
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(Out + row * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty))
 
 
 # Candidate launch configurations on CUDA, per kind of launch. Decode tiles are short (16 rows),
 # so the question is how many keys to keep in flight; prefill tiles are tall and compute-bound.
-DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 2)]  # (BLOCK_N, warps, stages)
-PREFILL_CONFIGS = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)]  # few: each one is a compile
+# Deeper pipelines (4 stages) are candidates for decode, where keeping loads in flight is the whole
+# game; on the H200 (2026-11-30) the tuner picked (128, 4, 3) for decode, (128, 8, 3) and (64, 8, 3)
+# for prefill.
+DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 2), (64, 4, 4), (128, 4, 4)]  # (BLOCK_N, warps, stages)
+PREFILL_CONFIGS = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (128, 8, 2)]  # few: each one is a compile
 
 
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
@@ -208,9 +234,10 @@ def tuned_configs() -> dict[str, dict[str, str]]:
             for kind in sorted({key[0] for key in _PICKED})}
 
 
-NO_SPLIT = 1 << 30  # a partition longer than any context: one part per row
-MIN_PARTITION = 256  # keys per part: shorter parts cost more in scratch traffic and merging than they gain
-REFERENCE_CONTEXT = 4096  # the context length the partition is sized to spread over the GPU
+MIN_PARTITION = 256  # keys per part at least: shorter parts cost more in scratch traffic and merging than they gain
+MAX_SPLITS = 64  # parts per decode row at most (the merge kernel's vector width)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (query blocks of one launch)
+WAVES = 2  # split until the programs of a decode launch fill this many waves of multiprocessors
 
 
 @dataclass
@@ -222,8 +249,9 @@ class Launch:
     qblock_first: torch.Tensor  # int32 [programs]
     programs: int
     block_q: int
-    partition: int  # keys per part of a row's context (NO_SPLIT: one part)
-    max_parts: int  # the grid's third axis: parts of the longest context the launch may see
+    splits: int  # parts a row's context is cut into at most (1: whole rows)
+    min_partition: int  # keys per part at least (parts are a multiple of it)
+    max_parts: int  # the grid's third axis: an upper bound on the parts of any row of the launch
 
 
 @dataclass
@@ -245,30 +273,38 @@ class AttentionPlan:
         """Copy one step into a static decode plan (``decode_buffers``): context lengths [rows] and the
         first ``tables.shape[1]`` columns of the block tables [rows, used], int32 host tensors, in place
         (the buffers are a CUDA graph's inputs). ``longest``: size the grid for that context (an eager
-        launch); None keeps the grid (a graph, captured for the longest context the buffers hold)."""
+        launch); None keeps the grid (a graph, captured for every part a row may have)."""
         self.context_lens.copy_(context_lens, non_blocking=True)
         self.block_tables[:, :tables.shape[1]].copy_(tables, non_blocking=True)
         if longest is not None:
             launch = self.launches[0]
-            launch.max_parts = _parts(longest, launch.partition)
+            launch.max_parts = _parts_bound(longest, launch.splits, launch.min_partition)
 
 
-def _parts(context: int, partition: int) -> int:
-    return max(1, -(-context // partition))
+def part_length(context_len: int, splits: int, min_partition: int) -> int:
+    """Keys per part of a row of ``context_len`` keys cut into at most ``splits`` parts: the context
+    shared out evenly, rounded up to a multiple of ``min_partition`` (the kernels' rule)."""
+    return -(-(-(-context_len // splits)) // min_partition) * min_partition
 
 
-def decode_partition(num_rows: int, kv_heads: int, sm_count: int, min_partition: int = MIN_PARTITION) -> int:
-    """Keys per part of a decode row (NO_SPLIT: none), from the batch's size class only: the next power
-    of two of ``num_rows``, never context lengths. A padded CUDA-graph batch and the eager batch it
-    stands for (padded to bucket sizes whose intervals hold no other power of two) therefore split
-    alike and sum the same floats. Split while a part per row and KV head fills fewer than two waves
-    of ``sm_count`` multiprocessors; size the parts so a ``REFERENCE_CONTEXT``-key row fills them."""
+def _parts_bound(longest: int, splits: int, min_partition: int) -> int:
+    """At least the parts of any row of at most ``longest`` keys (the count itself is not monotone)."""
+    return max(1, min(splits, -(-longest // min_partition)))
+
+
+def decode_splits(num_rows: int, kv_heads: int, sm_count: int) -> int:
+    """Parts per decode row (1: none), from the work available and the batch's size class only: the
+    next power of two of ``num_rows``, never context lengths. A padded CUDA-graph batch and the eager
+    batch it stands for (padded to bucket sizes whose intervals hold no other power of two)
+    therefore split alike and sum the same floats. While a program per row and KV head fills fewer
+    than ``WAVES`` waves of ``sm_count`` multiprocessors, rows are cut into the power of two of parts
+    that fills them (at most ``MAX_SPLITS``); how long a part is follows each row's own context."""
     programs = triton.next_power_of_2(max(1, num_rows)) * kv_heads
-    if programs >= 2 * sm_count:
-        return NO_SPLIT
-    wanted = -(-2 * sm_count // programs)  # parts per row
-    size = REFERENCE_CONTEXT // wanted
-    return max(min_partition, 1 << (size.bit_length() - 1) if size else 0)
+    if programs >= WAVES * sm_count:
+        return 1
+    wanted: int = triton.next_power_of_2(-(-WAVES * sm_count // programs))
+    return min(MAX_SPLITS, wanted)
+
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device without waiting for the device: a blocking copy would drain its queue first."""
@@ -276,26 +312,29 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def plan(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], group: int,
-         device: torch.device, partition: int | None = None, block_m: int | None = None) -> AttentionPlan:
+         device: torch.device, splits: int = 1, min_partition: int = MIN_PARTITION,
+         block_m: int | None = None) -> AttentionPlan:
     """Build the launch plan from host lists. Decode tokens and prefill chunks get a launch each.
-    ``partition``: keys per part of a decode row (None: no split; see ``decode_partition``).
-    ``block_m``: rows of a prefill tile (default 128 on CUDA, 64 elsewhere)."""
+    ``splits``: parts a decode row is cut into at most, each a multiple of ``min_partition`` keys
+    (1: whole rows; see ``decode_splits``). ``block_m``: rows of a prefill tile (default 128 on
+    CUDA, 64 elsewhere)."""
     if not (len(query_lens) == len(context_lens) == len(block_tables)) or not query_lens:
         raise ValueError("query_lens, context_lens and block_tables must be non-empty and of one length")
     if any(q < 1 or q > c for q, c in zip(query_lens, context_lens)):
         raise ValueError("each sequence needs 1 <= query_len <= context_len")
-    if partition is not None and partition < 1:
-        raise ValueError(f"partition must be >= 1 key, got {partition}")
-    partition = partition or NO_SPLIT
+    if not 1 <= splits <= MAX_SPLITS or min_partition < 1:
+        raise ValueError(f"splits must be 1..{MAX_SPLITS} and min_partition >= 1, got {splits}, {min_partition}")
     block_m = block_m or (128 if device.type == "cuda" else 64)
     decode = [i for i, q in enumerate(query_lens) if q == 1]
     prefill_q = max(1, block_m // group)
-    prefill_seqs, prefill_firsts = [], []
-    for i, q in enumerate(query_lens):
-        if q > 1:
-            for first in range(0, q, prefill_q):
-                prefill_seqs.append(i)
-                prefill_firsts.append(first)
+    # Prefill query blocks, the longest key span first: under a causal mask the last block of a
+    # chunk has the most keys, and launched last it would run alone at the end.
+    blocks = [(context_lens[i] - q + min(first + prefill_q, q), i, first)
+              for i, q in enumerate(query_lens) if q > 1 for first in range(0, q, prefill_q)]
+    blocks.sort(key=lambda block: -block[0])
+    prefill_seqs, prefill_firsts = [block[1] for block in blocks], [block[2] for block in blocks]
+    if max(len(decode), len(blocks)) > MAX_GRID_Y:
+        raise ValueError(f"{max(len(decode), len(blocks))} query blocks in one launch; at most {MAX_GRID_Y}")
     width = max(len(t) for t in block_tables)
     starts = [0]
     for q in query_lens[:-1]:
@@ -312,22 +351,23 @@ def plan(query_lens: list[int], context_lens: list[int], block_tables: list[list
     tables, ctx, qlens, qstarts, dec_seq, dec_first, pre_seq, pre_first = torch.split(packed, sections)
     launches = []
     if decode:
-        parts = _parts(max(context_lens[i] for i in decode), partition)
-        launches.append(Launch("decode", dec_seq, dec_first, len(decode), 1, partition, parts))
+        parts = _parts_bound(max(context_lens[i] for i in decode), splits, min_partition)
+        launches.append(Launch("decode", dec_seq, dec_first, len(decode), 1, splits, min_partition, parts))
     if prefill_seqs:
-        launches.append(Launch("prefill", pre_seq, pre_first, len(prefill_seqs), prefill_q, NO_SPLIT, 1))
+        launches.append(Launch("prefill", pre_seq, pre_first, len(prefill_seqs), prefill_q, 1, min_partition, 1))
     return AttentionPlan(sum(query_lens), tables.view(n, width), ctx, qlens, qstarts, launches)
 
 
-def decode_buffers(rows: int, max_blocks: int, max_context: int, partition: int | None,
-                   device: torch.device) -> AttentionPlan:
+def decode_buffers(rows: int, max_blocks: int, max_context: int, splits: int, device: torch.device,
+                   min_partition: int = MIN_PARTITION) -> AttentionPlan:
     """A static plan for ``rows`` decode tokens (row i is sequence i), its tensors allocated once:
     the inputs of a CUDA graph, filled by ``AttentionPlan.write_decode`` before each run. The grid
-    covers ``max_context`` keys per row; every row starts as context 1 over block 0."""
-    partition = partition or NO_SPLIT
+    covers every part a row of up to ``max_context`` keys may have; every row starts as context 1
+    over block 0."""
     arange = torch.arange(rows, dtype=torch.int32, device=device)
     tables = torch.zeros(rows, max_blocks, dtype=torch.int32, device=device)
-    launch = Launch("decode", arange, torch.zeros_like(arange), rows, 1, partition, _parts(max_context, partition))
+    launch = Launch("decode", arange, torch.zeros_like(arange), rows, 1, splits, min_partition,
+                    _parts_bound(max_context, splits, min_partition))
     return AttentionPlan(rows, tables, torch.ones_like(arange), torch.ones_like(arange), arange.clone(), [launch])
 
 
@@ -368,11 +408,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
                 scale * LOG2E,
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-                attn_plan.block_tables.stride(0), *part_strides, launch.partition)
+                attn_plan.block_tables.stride(0), *part_strides, launch.splits, launch.min_partition)
         block_m = max(16, triton.next_power_of_2(launch.block_q * group))  # tl.dot needs >= 16 rows
         meta = dict(GROUP=group, BLOCK_Q=launch.block_q, BLOCK_M=block_m, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: no TF32
-        grid = (launch.programs, kv_heads, parts)
+        grid = (kv_heads, launch.programs, parts)
         if tune:
             key = (launch.kind, group, block_m, block_size, head_dim, q.dtype)
             picked = _PICKED.get(key)
@@ -385,7 +425,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
         else:
             _attention_kernel[grid](*args, **meta, BLOCK_N=block_n or 64)
         if parts > 1:
-            _combine_kernel[(launch.programs, heads)](out, part, part_m, part_l, attn_plan.context_lens,
-                                                      launch.qblock_seq, attn_plan.query_starts, launch.partition,
-                                                      out.stride(0), out.stride(1), *part_strides, HEAD_DIM=head_dim)
+            _combine_kernel[(heads, launch.programs)](out, part, part_m, part_l, attn_plan.context_lens,
+                                                      launch.qblock_seq, attn_plan.query_starts, launch.splits,
+                                                      launch.min_partition, out.stride(0), out.stride(1),
+                                                      *part_strides, MAX_SPLITS=MAX_SPLITS, HEAD_DIM=head_dim)
     return out

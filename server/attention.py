@@ -137,7 +137,7 @@ class TorchAttention:
 class TritonAttention:
     """The GPU path: the KV-store and paged-attention kernels of ``kernels/``. The launch plan is
     built once per step on the host and shared by every layer. Decode rows split their keys by the
-    batch's size class only (``decode_partition``), so a decode batch gives the same floats whether
+    batch's size class only (``decode_splits``), so a decode batch gives the same floats whether
     it runs eagerly or from a CUDA graph padded to a bucket (``static_decode``)."""
 
     name = "triton"
@@ -156,9 +156,9 @@ class TritonAttention:
         self.sm_count = sm_count
         self.min_partition = min_partition or paged_attention.MIN_PARTITION
 
-    def decode_partition(self, num_rows: int, num_kv_heads: int) -> int:
-        """Keys per part of a decode row in a batch of ``num_rows`` decode rows (eager or padded alike)."""
-        return self._attention.decode_partition(num_rows, num_kv_heads, self.sm_count, self.min_partition)
+    def decode_splits(self, num_rows: int, num_kv_heads: int) -> int:
+        """Parts per decode row in a batch of ``num_rows`` decode rows (eager or padded alike)."""
+        return self._attention.decode_splits(num_rows, num_kv_heads, self.sm_count)
 
     def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, device: torch.device) -> None:
         if meta.plan is not None:
@@ -166,14 +166,16 @@ class TritonAttention:
         num_decode = sum(1 for n in meta.query_lens if n == 1)
         meta.plan = self._attention.plan(meta.query_lens, meta.context_lens, meta.block_tables,
                                          num_heads // num_kv_heads, device,
-                                         partition=self.decode_partition(num_decode, num_kv_heads))
+                                         splits=self.decode_splits(num_decode, num_kv_heads),
+                                         min_partition=self.min_partition)
 
     def static_decode(self, rows: int, max_blocks: int, num_kv_heads: int, slot_mapping: torch.Tensor,
                       block_size: int) -> AttentionMetadata:
         """Metadata for a decode batch of a fixed ``rows``, its plan in static buffers (a CUDA graph's
         inputs): fill them with ``write_static_decode``. It splits as ``plan`` would for ``rows`` rows."""
         attn_plan = self._attention.decode_buffers(rows, max_blocks, max_blocks * block_size,
-                                                   self.decode_partition(rows, num_kv_heads), slot_mapping.device)
+                                                   self.decode_splits(rows, num_kv_heads), slot_mapping.device,
+                                                   self.min_partition)
         return AttentionMetadata([1] * rows, [1] * rows, [], slot_mapping, block_size, plan=attn_plan)
 
     @staticmethod

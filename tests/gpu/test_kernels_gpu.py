@@ -25,9 +25,9 @@ def test_mixed_batch_bf16_matches_the_reference(head_dim, group):
     cache = torch.randn(2, sum(blocks), 16, 4, head_dim, dtype=torch.bfloat16, device="cuda")
     q = torch.randn(sum(query_lens), 4 * group, head_dim, dtype=torch.bfloat16, device="cuda")
     expected = paged_attention_reference(q.float(), cache.float(), query_lens, context_lens, tables, 0.1)
-    for partition in (None, 256):
+    for splits in (1, 8, 64):  # whole rows; rows in parts of >= 256 keys
         out = torch.full_like(q, float("nan"))
-        paged_attention(q, cache, plan(query_lens, context_lens, tables, group, q.device, partition=partition), 0.1,
+        paged_attention(q, cache, plan(query_lens, context_lens, tables, group, q.device, splits=splits), 0.1,
                         out=out)
         assert not torch.isnan(out).any()
         assert (out.float() - expected).abs().max().item() < 2e-2

@@ -146,15 +146,16 @@ def test_static_decode_buffers_plan_as_the_eager_path_and_give_its_logits_bit_fo
     pytest.importorskip("triton")
     from server.attention import TritonAttention
 
-    backend = TritonAttention(sm_count=1024, min_partition=16)  # tiny contexts split into parts of 16 keys
+    backend = TritonAttention(sm_count=1024, min_partition=16)  # tiny contexts split into parts of >= 16 keys
     eng = LLMEngine(TINY.model, TINY.config, TINY.tokenizer,
                     EngineConfig(kv_cache_blocks=64, block_size=8, max_num_seqs=4, max_model_len=96),
                     backend=backend)
     graphs = eng.graphs
     assert graphs is not None
     for n in range(1, 5):  # every batch splits as the bucket it is padded to
-        assert backend.decode_partition(n, TINY.config.num_kv_heads) == \
-            graphs.buckets[graphs.bucket_for(n)].meta.plan.launches[0].partition == 16
+        launch = graphs.buckets[graphs.bucket_for(n)].meta.plan.launches[0]
+        assert backend.decode_splits(n, TINY.config.num_kv_heads) == launch.splits > 1
+        assert launch.min_partition == 16
     for i in range(4):
         eng.add(f"s{i}", TINY.tokenizer.encode(f"same plan {i} " * (2 + i)),
                 SamplingParams(max_tokens=8, ignore_eos=True))
@@ -171,7 +172,7 @@ def test_static_decode_buffers_plan_as_the_eager_path_and_give_its_logits_bit_fo
 
 
 def test_bucket_intervals_hold_no_other_power_of_two():
-    """The decode partition follows the next power of two of the row count, so a batch and the
+    """The decode split count follows the next power of two of the row count, so a batch and the
     bucket it pads to split alike only if no power of two lies strictly between them."""
     from server.cuda_graphs import bucket_sizes
 

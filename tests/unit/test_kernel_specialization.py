@@ -46,7 +46,8 @@ ALLOWED = {
                        "num_q_heads", "num_k_heads"},
     "_silu_and_mul_kernel": {"X", "Out", "stride_x", "stride_o", "n_cols"},
 }
-DEVICE_FUNCTIONS = {"_attend_span"}  # inlined into a kernel: never launched, never specialized on its own
+# inlined into a kernel: never launched, never specialized on its own
+DEVICE_FUNCTIONS = {"_attend_span", "_part_length"}
 
 
 def jit_functions() -> dict[str, Any]:

@@ -69,34 +69,57 @@ def test_paged_attention_at_model_head_dims(head_dim):
     query_lens, context_lens = [3, 1, 20, 1], [3, 40, 29, 16]
     q, cache, tables = random_batch(head_dim, query_lens, context_lens, 2, 4, head_dim, 16, torch.float16)
     expected = paged_attention_reference(q.float(), cache.float(), query_lens, context_lens, tables, head_dim ** -0.5)
-    for partition in (None, 16):
+    for splits, min_partition in ((1, 256), (4, 16)):  # whole rows; the 40-key row in parts of 16
         out = torch.full_like(q, float("nan"))
-        attn_plan = plan(query_lens, context_lens, tables, 4, q.device, partition=partition, block_m=16)
+        attn_plan = plan(query_lens, context_lens, tables, 4, q.device, splits=splits, min_partition=min_partition,
+                         block_m=16)
         paged_attention(q, cache, attn_plan, head_dim ** -0.5, out=out, block_n=16)
         assert not torch.isnan(out).any()
         assert (out.float() - expected).abs().max().item() < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("partition", [16, 24, 64])
+@pytest.mark.parametrize("splits,min_partition", [(2, 16), (4, 16), (8, 8), (64, 1)])
 @pytest.mark.parametrize("group", [1, 4])
-def test_split_kv_decode_matches_the_reference(partition, group):
-    query_lens, context_lens = [1, 1, 1, 1], [70, 9, 128, 1]  # rows of one part and of many; parts past a row's end
-    q, cache, tables = random_batch(partition + group, query_lens, context_lens, 2, group, 32, 16, torch.float32)
+def test_split_kv_decode_matches_the_reference(splits, min_partition, group):
+    """Rows of one part and of many, parts past a row's end; (64, 1): the 128-key row in 64 parts of
+    2 keys, the merge kernel's full width."""
+    query_lens, context_lens = [1, 1, 1, 1], [70, 9, 128, 1]
+    q, cache, tables = random_batch(splits + group, query_lens, context_lens, 2, group, 32, 16, torch.float32)
     expected = paged_attention_reference(q, cache, query_lens, context_lens, tables, 0.2)
     out = torch.full_like(q, float("nan"))
-    attn_plan = plan(query_lens, context_lens, tables, group, q.device, partition=partition)
-    assert attn_plan.max_parts == -(-128 // partition)
+    attn_plan = plan(query_lens, context_lens, tables, group, q.device, splits=splits, min_partition=min_partition)
+    assert attn_plan.max_parts == min(splits, -(-128 // min_partition))
     paged_attention(q, cache, attn_plan, 0.2, out=out, block_n=16)
     assert not torch.isnan(out).any()
     assert (out - expected).abs().max().item() < TOL[torch.float32]
 
 
-def test_a_decode_row_gives_the_same_bits_in_any_batch_of_its_partition():
-    """Why eager and graph decode agree: a row's parts depend on its own context and the partition
-    only. The row alone, beside a longer row (a wider grid) and in a graph's static buffers (a
-    grid for the longest context the model allows) gives identical bits; another partition gives
-    other bits: the H200's eager-vs-graph divergence, where the eager split count followed the
-    step's longest context and the graph's the model's."""
+def test_each_row_cuts_its_own_context_into_equal_parts():
+    """A part is the row's context shared out ``splits`` ways, rounded up to ``min_partition``: long
+    rows get ``splits`` parts whatever their length, short ones one. The count is not monotone in
+    the context (64 keys: 4 parts of 16; 65 keys: 3 of 32), so the grid is bounded by
+    ``min(splits, context / min_partition)``: the 64-key row beside the longer one is still whole."""
+    from kernels.paged_attention import part_length
+
+    assert [part_length(c, 4, 16) for c in (1, 16, 64, 65, 128, 1000)] == [16, 16, 16, 32, 32, 256]
+    assert part_length(131072, 64, 256) == 2048 and part_length(2048, 1, 256) == 2048
+    query_lens, context_lens = [1, 1], [64, 65]
+    q, cache, tables = random_batch(5, query_lens, context_lens, 2, 4, 32, 16, torch.float32)
+    attn_plan = plan(query_lens, context_lens, tables, 4, q.device, splits=4, min_partition=16)
+    assert attn_plan.max_parts == 4
+    out = torch.full_like(q, float("nan"))
+    paged_attention(q, cache, attn_plan, 0.2, out=out, block_n=16)
+    assert not torch.isnan(out).any()
+    expected = paged_attention_reference(q, cache, query_lens, context_lens, tables, 0.2)
+    assert (out - expected).abs().max().item() < TOL[torch.float32]
+
+
+def test_a_decode_row_gives_the_same_bits_in_any_batch_of_its_split_count():
+    """Why eager and graph decode agree: a row's parts depend on its own context and (splits,
+    min_partition) only. The row alone, beside a longer row (a wider grid) and in a graph's static
+    buffers (a grid for the longest context the model allows) gives identical bits; another split
+    count gives other bits: the H200's eager-vs-graph divergence, where the eager split followed
+    the step's longest context and the graph's the model's."""
     from kernels.paged_attention import decode_buffers
 
     q, cache, tables = random_batch(11, [1, 1], [70, 130], 2, 4, 32, 16, torch.float32)
@@ -104,47 +127,59 @@ def test_a_decode_row_gives_the_same_bits_in_any_batch_of_its_partition():
     def attend(query_lens, context_lens, rows, attn_plan):
         return paged_attention(q[:len(query_lens)], cache, attn_plan, 0.2, block_n=16)[:rows]
 
-    alone = attend([1], [70], 1, plan([1], [70], tables[:1], 4, q.device, partition=32))
-    pair = attend([1, 1], [70, 130], 2, plan([1, 1], [70, 130], tables, 4, q.device, partition=32))
-    static = decode_buffers(2, 20, 320, 32, q.device)
+    def planned(query_lens, context_lens, splits):
+        return plan(query_lens, context_lens, tables[:len(query_lens)], 4, q.device, splits=splits, min_partition=16)
+
+    alone = attend([1], [70], 1, planned([1], [70], 4))
+    pair = attend([1, 1], [70, 130], 2, planned([1, 1], [70, 130], 4))
+    static = decode_buffers(2, 20, 320, 4, q.device, min_partition=16)
     static.write_decode(torch.tensor([70, 130], dtype=torch.int32),
                         torch.tensor([t + [0] * (9 - len(t)) for t in tables], dtype=torch.int32))
-    assert static.max_parts == 10 and plan([1, 1], [70, 130], tables, 4, q.device, partition=32).max_parts == 5
+    assert static.max_parts == 4 and planned([1], [70], 4).max_parts == 4
     graphed = attend([1, 1], [70, 130], 2, static)
     assert torch.equal(alone[0], pair[0]) and torch.equal(pair, graphed)
-    other = attend([1, 1], [70, 130], 2, plan([1, 1], [70, 130], tables, 4, q.device, partition=64))
+    other = attend([1, 1], [70, 130], 2, planned([1, 1], [70, 130], 2))
     assert not torch.equal(other[0], pair[0])
     assert (other - pair).abs().max().item() < TOL[torch.float32]
 
 
-def test_a_mixed_batch_splits_its_decode_launch_only():
+def test_a_mixed_batch_splits_its_decode_launch_only_and_launches_long_prefill_blocks_first():
     query_lens, context_lens = [1, 9, 1, 30], [70, 30, 128, 100]
     q, cache, tables = random_batch(7, query_lens, context_lens, 2, 4, 32, 16, torch.float32)
     expected = paged_attention_reference(q, cache, query_lens, context_lens, tables, 0.2)
-    attn_plan = plan(query_lens, context_lens, tables, 4, q.device, partition=48, block_m=16)
+    attn_plan = plan(query_lens, context_lens, tables, 4, q.device, splits=4, min_partition=16, block_m=16)
     assert [(launch.kind, launch.programs, launch.max_parts) for launch in attn_plan.launches] == \
-        [("decode", 2, 3), ("prefill", 3 + 8, 1)]  # 128 keys in parts of 48; prefill chunks of 16 // 4 tokens
+        [("decode", 2, 4), ("prefill", 3 + 8, 1)]  # 128 keys in 4 parts of 32; prefill chunks of 16 // 4 tokens
+    prefill = attn_plan.launches[1]
+    order = list(zip(prefill.qblock_seq.tolist(), prefill.qblock_first.tolist()))
+    # keys each block needs: sequence 3 (70 cached + 30) reaches 100, sequence 1 (21 + 9) 30
+    assert order == [(3, f) for f in range(28, -1, -4)] + [(1, 8), (1, 4), (1, 0)]
     out = torch.full_like(q, float("nan"))
     paged_attention(q, cache, attn_plan, 0.2, out=out, block_n=16)
     assert not torch.isnan(out).any()
     assert (out - expected).abs().max().item() < TOL[torch.float32]
 
 
-def test_the_decode_partition_depends_on_the_batch_size_class_only():
-    """Small batches split (H200: 132 multiprocessors, 8 KV heads), full ones do not; batches of
-    one power-of-two class share a partition, and no context length enters it."""
-    from kernels.paged_attention import NO_SPLIT, decode_partition
+def test_the_decode_split_count_follows_the_work_and_the_batch_size_class_only():
+    """H200: 132 multiprocessors, 8 KV heads. Rows x KV heads short of two waves are split into the
+    power of two of parts that fills them (64 at most); full batches are not; batches of one
+    power-of-two class share a split count, and no context length enters it."""
+    from kernels.paged_attention import decode_splits
 
-    assert [decode_partition(n, 8, 132) for n in (1, 2, 4, 8, 16, 32, 33, 64, 256)] == \
-        [256, 256, 256, 512, 1024, 2048, NO_SPLIT, NO_SPLIT, NO_SPLIT]
-    assert all(decode_partition(n, 2, 132) == decode_partition(1 << (n - 1).bit_length(), 2, 132)
+    assert [decode_splits(n, 8, 132) for n in (1, 2, 4, 8, 16, 32, 33, 64, 256)] == \
+        [64, 32, 16, 8, 4, 2, 1, 1, 1]
+    assert decode_splits(1, 1, 132) == 64  # capped at the merge kernel's width
+    assert all(decode_splits(n, 2, 132) == decode_splits(1 << (n - 1).bit_length(), 2, 132)
                for n in range(1, 300))
     tables = [[0] * 64]
-    assert plan([1], [1024], tables, 4, torch.device("cpu"), partition=256).max_parts == 4
-    assert plan([1], [1024], tables, 4, torch.device("cpu")).max_parts == 1  # no partition: no split
-    assert plan([16], [1024], tables, 4, torch.device("cpu"), partition=256).max_parts == 1  # prefill: never split
+    assert plan([1], [1024], tables, 4, torch.device("cpu"), splits=4).max_parts == 4
+    assert plan([1], [1024], tables, 4, torch.device("cpu")).max_parts == 1  # splits=1: whole rows
+    assert plan([1], [300], tables, 4, torch.device("cpu"), splits=64).max_parts == 2  # parts of >= 256 keys
+    assert plan([16], [1024], tables, 4, torch.device("cpu"), splits=4).max_parts == 1  # prefill: never split
     with pytest.raises(ValueError):
         plan([5], [3], [[0]], 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="splits"):
+        plan([1], [3], [[0]], 1, torch.device("cpu"), splits=65)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

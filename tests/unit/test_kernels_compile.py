@@ -28,7 +28,7 @@ config over it compiles but fails to load):
     BLOCK_M 16) and prefill (BLOCK_M 128, plan's CUDA default) launches;
   - the attention kernel: every autotune candidate (DECODE_CONFIGS, PREFILL_CONFIGS) on llama-3-8b,
     whose head_dim 128 needs the most shared memory; the first candidate of each on the other shapes.
-_attend_span is a device function: compiled inside _attention_kernel, masked and unmasked.
+_attend_span and _part_length are device functions: compiled inside the kernels that call them.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ triton = pytest.importorskip("triton", reason="needs triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 H100_MAX_SHARED_BYTES = 227 * 1024  # per block, opted in (H100 and H200 alike)
-DEVICE_FUNCTIONS = {"_attend_span"}  # inlined into a kernel, never launched on its own
+DEVICE_FUNCTIONS = {"_attend_span", "_part_length"}  # inlined into a kernel, never launched on its own
 KV_CACHE_BYTES = int(0.8 * 130 * 2**30)  # the engine's default: 0.8 of an H200's free memory
 CHILD_TIMEOUT_S = 600
 
@@ -171,9 +171,9 @@ def serving_launches(s: Shape) -> dict[str, Launch]:
     # [2, blocks, block_size, kv_heads, head_dim]: no memory on the meta device, real strides
     cache = torch.empty(2, s.num_blocks + 1, s.block_size, s.kv_heads, s.head_dim, dtype=s.dtype, device="meta")
     tables = [list(range(-(-c // s.block_size))) for c in context_lens]
-    # block_m: plan's default on CUDA; parts of 256 keys, so the 600-key decode row is split and merged
+    # block_m: plan's default on CUDA; up to 4 parts of >= 256 keys, so the 600-key decode row is split and merged
     attn_plan = paged_attention.plan(query_lens, context_lens, tables, s.heads // s.kv_heads, torch.device("cpu"),
-                                     partition=256, block_m=128)
+                                     splits=4, min_partition=256, block_m=128)
     launches = {
         "rms_norm": record(rms_norm._rms_norm_kernel, lambda: rms_norm.rms_norm(x, weight, 1e-5)),
         "add_rms_norm": record(rms_norm._rms_norm_kernel, lambda: rms_norm.add_rms_norm(x, residual, weight, 1e-5)),
@@ -220,6 +220,17 @@ def compile_for_sm90(launch: Launch, **overrides: Any) -> Any:
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
+def kv_buffers(ttgir: str, case: Case) -> int:
+    """How many K/V tiles the software pipeline keeps in shared memory: the leading dimension of the
+    [buffers, BLOCK_N, head_dim] allocations in the TTGIR (0 for other kernels)."""
+    import re
+
+    if case.config is None:
+        return 0
+    tile = f"{case.config[0]}x{SHAPES[case.shape].head_dim}x"
+    return max((int(n) for n in re.findall(r"local_alloc[^\n]*-> !ttg\.memdesc<(\d+)x" + tile, ttgir)), default=0)
+
+
 def compile_cases(found: list[Case]) -> dict[str, Any]:
     """case id -> {"cubin", "shared", "error"}; "__kernels__": the @triton.jit functions of kernels/."""
     import importlib
@@ -238,7 +249,10 @@ def compile_cases(found: list[Case]) -> dict[str, Any]:
             overrides = dict(zip(("BLOCK_N", "num_warps", "num_stages"), case.config))
         try:
             compiled = compile_for_sm90(launches[case.shape][case.launch], **overrides)
-            results[case.id] = {"cubin": "cubin" in compiled.asm, "shared": compiled.metadata.shared, "error": None}
+            ptx = compiled.asm["ptx"]
+            results[case.id] = {"cubin": "cubin" in compiled.asm, "shared": compiled.metadata.shared, "error": None,
+                                "async_copies": ptx.count("cp.async.cg"), "wgmma": ptx.count("wgmma.mma_async"),
+                                "kv_buffers": kv_buffers(compiled.asm["ttgir"], case)}
         except Exception:  # noqa: BLE001 (whatever the compiler raises is the report)
             results[case.id] = {"cubin": False, "shared": 0, "error": traceback.format_exc(limit=-3)}
     return results
@@ -273,6 +287,25 @@ def test_kernel_compiles_to_a_cubin_that_fits_an_h100(compiled: dict[str, Any], 
     assert result["error"] is None, result["error"]
     assert result["cubin"]
     assert result["shared"] <= H100_MAX_SHARED_BYTES, f"{result['shared']} bytes of shared memory"
+
+
+@pytest.mark.parametrize("case", [case for case in cases() if case.config is not None], ids=lambda case: case.id)
+def test_attention_uses_hoppers_asynchronous_loads_and_warpgroup_mma(compiled: dict[str, Any], case: Case) -> None:
+    """What issue 13 asks of the attention kernel on sm_90, read from the PTX and TTGIR.
+    - K/V tiles are loaded asynchronously into shared memory ahead of their use (cp.async), into as
+      many buffers as the software pipeline of ``num_stages`` needs (``num_stages - 1`` at least;
+      with the block numbers loaded in the tile's own iteration, decode kept one at any depth).
+    - The 16-bit prefill tile (BLOCK_M 128, a warpgroup's 64 rows or more) multiplies with Hopper's
+      warpgroup MMA (wgmma). Decode tiles have 16 rows, under wgmma's 64: they stay on mma.sync,
+      which is no loss where the memory is the limit; float32 (the tiny preset, exact IEEE
+      products) has no tensor-core path."""
+    result = compiled[case.id]
+    assert result["error"] is None, result["error"]
+    assert result["async_copies"] > 0, "K/V loads are not asynchronous"
+    stages = case.config[2]
+    assert result["kv_buffers"] >= max(1, stages - 1), f"{result['kv_buffers']} K/V buffers at {stages} stages"
+    if case.launch == "prefill" and SHAPES[case.shape].dtype != torch.float32:
+        assert result["wgmma"] > 0, "the prefill tile does not use warpgroup MMA"
 
 
 if __name__ == "__main__":  # the child: python -m tests.unit.test_kernels_compile OUT.json
