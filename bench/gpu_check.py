@@ -184,6 +184,7 @@ def section_kernel_speed(bandwidth: float) -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    import kernels.paged_attention as pa
     from kernels.paged_attention import paged_attention, plan
 
     heads, kv_heads, d = size(32, 4), size(8, 2), size(128, 32)
@@ -192,7 +193,9 @@ def section_kernel_speed(bandwidth: float) -> None:
         q = torch.randn(batch * length, heads, d, device=DEVICE).to(DTYPE)
         cache, tables = make_cache([length] * batch, kv_heads, d, 16, DTYPE)
         p = plan([length] * batch, [length] * batch, tables, heads // kv_heads, q.device)
+        retune(pa)
         ours = timed(lambda: paged_attention(q, cache, p, d ** -0.5))
+        candidates(pa, "prefill", f"{batch}x{length}")
         qd = torch.randn(batch, heads, length, d, device=DEVICE).to(DTYPE)
         kd = torch.randn(batch, heads, length, d, device=DEVICE).to(DTYPE)
         backend = SDPBackend.MATH if SMOKE else SDPBackend.FLASH_ATTENTION
@@ -224,8 +227,6 @@ def section_kernel_speed(bandwidth: float) -> None:
     plain = timed(lambda: rope(positions, rq, rk))
     row("speed", "rotary q+k, 64 tokens (a decode step's shape)", f"{fused * 1e6:.1f} us",
         f"torch ops {plain * 1e6:.1f} us (x{plain / fused:.2f})")
-    import kernels.paged_attention as pa
-
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count if not SMOKE else 132
     # (sequences, context, KV block size): issue 13's decode shapes, the first also with 64-token blocks
     shapes = [(64, 2048, 16), (64, 2048, 64), (8, 32768, 16), (1, 131072, 16)] if not SMOKE else \
@@ -236,19 +237,48 @@ def section_kernel_speed(bandwidth: float) -> None:
         picked = decode_split(pa, batch, kv_heads, sm_count)
         # the engine's pick, and at 64 x 2k beside the other choice (whole rows, or 4 parts)
         others = [split_other(pa, picked)] if (batch, ctx, block) == shapes[0] else []
+        read = cache.numel() * cache.element_size()
         for split in (picked, *others):
             p = plan([1] * batch, [ctx] * batch, tables, heads // kv_heads, q.device, **split)
+            if split == picked:
+                retune(pa)
             seconds = timed(lambda: paged_attention(q, cache, p, d ** -0.5))
-            read = cache.numel() * cache.element_size()
+            if split == picked:
+                candidates(pa, "decode", f"{batch}x{ctx} block={block} parts={p.max_parts}")
             row("speed", f"decode attn {batch}x{ctx} block={block} gqa={heads // kv_heads} parts={p.max_parts}"
                 + (" (the engine's)" if split == picked else ""), f"{read / seconds / 1e9:.0f} GB/s",
                 f"{read / seconds / bandwidth:.0%} of copy {bandwidth / 1e9:.0f} GB/s; "
                 + target(read / seconds / bandwidth >= 0.85, "target >= 85%"))
-    from kernels.paged_attention import tuned_configs
+        if hasattr(pa, "decode_splits"):  # every split count that changes the parts, for the next heuristic
+            sweep: dict[int, float] = {}
+            for splits in (1 << i for i in range(pa.MAX_SPLITS.bit_length())):
+                p = plan([1] * batch, [ctx] * batch, tables, heads // kv_heads, q.device, splits=splits)
+                if p.max_parts not in sweep:
+                    sweep[p.max_parts] = read / timed(lambda: paged_attention(q, cache, p, d ** -0.5)) / 1e9
+            best = max(sweep, key=lambda parts: sweep[parts])
+            row("speed", f"decode attn {batch}x{ctx} block={block}, GB/s by parts per row",
+                f"{sweep[best]:.0f} at {best}", ", ".join(f"{parts}: {gbs:.0f}" for parts, gbs in sweep.items()))
 
-    for kind, picks in tuned_configs().items():
-        for key, config in picks.items():
-            row("tuned", f"{kind} {key}", "", config)
+
+def retune(pa) -> None:
+    """Forget what the autotuner picked, so each kind of launch is tuned again on the shape at hand
+    (the engine tunes once, at warm-up, on a prompt chunk and a full decode batch)."""
+    pa._PICKED.clear()
+    for kind in ("decode", "prefill"):
+        pa._tuned(kind).cache.clear()
+
+
+def candidates(pa, kind: str, shape: str) -> None:
+    """A row with every candidate's time from the autotuner's last round (none without tuning: CPU)."""
+    timings = getattr(pa._tuned(kind), "configs_timings", None)
+    if not timings:
+        return
+    median = {config: (t[0] if isinstance(t, (list, tuple)) else t) for config, t in timings.items()}
+    label = {config: f"{config.kwargs['BLOCK_N']}/{config.num_warps}w/{config.num_stages}s" for config in median}
+    best = min(median, key=lambda config: median[config])
+    row("tuned", f"{kind} {shape}: candidates (BLOCK_N/warps/stages)", label[best],
+        ", ".join(f"{label[c]} {median[c] * 1e3:.0f} us" for c in sorted(median, key=lambda c: median[c])))
+    pa._tuned(kind).configs_timings = None
 
 
 def section_before(baseline: str, json_path: str) -> None:

@@ -228,12 +228,6 @@ def _tuned(kind: str) -> Any:
 _PICKED: dict[tuple[Any, ...], Any] = {}  # (kind, group, tile rows, block size, head dim, dtype) -> Config
 
 
-def tuned_configs() -> dict[str, dict[str, str]]:
-    """What the autotuner chose so far, per kind of launch and key (for ``make gpu-check``)."""
-    return {kind: {str(key): str(cfg) for key, cfg in _tuned(kind).cache.items()}
-            for kind in sorted({key[0] for key in _PICKED})}
-
-
 MIN_PARTITION = 256  # keys per part at least: shorter parts cost more in scratch traffic and merging than they gain
 MAX_SPLITS = 64  # parts per decode row at most (the merge kernel's vector width)
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (query blocks of one launch)
