@@ -200,13 +200,15 @@ def _combine_kernel(Out, PartOut, PartM, PartL, context_lens, qblock_seq, query_
     tl.store(Out + row * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty))
 
 
-# Candidate launch configurations on CUDA, per kind of launch. Decode tiles are short (16 rows),
-# so the question is how many keys to keep in flight; prefill tiles are tall and compute-bound.
-# Deeper pipelines (4 stages) are candidates for decode, where keeping loads in flight is the whole
-# game; on the H200 (2026-11-30) the tuner picked (128, 4, 3) for decode, (128, 8, 3) and (64, 8, 3)
-# for prefill.
-DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 2), (64, 4, 4), (128, 4, 4)]  # (BLOCK_N, warps, stages)
-PREFILL_CONFIGS = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (128, 8, 2)]  # few: each one is a compile
+# Candidate launch configurations on CUDA, per kind of launch: (BLOCK_N, warps, stages). Decode
+# tiles are short (16 rows), so the question is how many keys to keep in flight; prefill tiles are
+# tall and compute-bound. Each candidate is a compile at start-up, so the list stays short. What each
+# compiles to on sm_90 (shared memory, K/V buffers): `python -m bench.kernel_asm`. On the H200
+# (2026-11-30, before K/V was multi-buffered) the tuner picked (128, 4, 3) for decode and (128, 8, 3)
+# and (64, 8, 3) for prefill. Deeper pipelines now cost shared memory, hence fewer programs per
+# multiprocessor: the shallow ones stay so the tuner can weigh the two.
+DECODE_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 2), (64, 4, 4), (128, 4, 4)]
+PREFILL_CONFIGS = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (128, 8, 2), (64, 8, 2)]
 
 
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
