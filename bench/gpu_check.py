@@ -153,6 +153,21 @@ def section_correctness() -> None:
             row("correct", f"paged attn {str(DTYPE)[6:]} d={head_dim} gqa={group} splits={splits}",
                 f"max err {err:.1e}",
                 "OK (tol 2e-2)" if ok else "FAIL")
+        # over an e4m3 cache (--kv-cache-dtype fp8): against the reference on the dequantized values
+        from kernels.reference import FP8, quantize_kv
+
+        scales = torch.full((2, kv_heads), 2.0 ** -5, device=DEVICE)  # randn * 2^5: within e4m3's range
+        fp8 = torch.stack([quantize_kv(cache[i].flatten(0, 1), scales[i]).view(cache[i].shape) for i in range(2)])
+        assert fp8.dtype == FP8
+        expected = paged_attention_reference(q.float(), fp8, query_lens, context_lens, tables, head_dim ** -0.5,
+                                             kv_scales=scales)
+        out = torch.full_like(q, float("nan"))
+        paged_attention(q, fp8, plan(query_lens, context_lens, tables, group, q.device, splits=8,
+                                     min_partition=size(256, 4)), head_dim ** -0.5, out=out, kv_scales=scales)
+        err = (out.float() - expected).abs().max().item()
+        ok = err < 2e-2 and not torch.isnan(out).any().item()
+        row("correct", f"paged attn {str(DTYPE)[6:]} over fp8 KV d={head_dim} gqa={group} splits=8",
+            f"max err {err:.1e}", "OK (tol 2e-2)" if ok else "FAIL")
     tokens, blocks = size(4096, 64), size(512, 8)
     k = torch.randn(tokens, 8, 128, device=DEVICE).to(DTYPE)
     cache = torch.zeros(2, blocks, 16, 8, 128, device=DEVICE).to(DTYPE)
@@ -245,10 +260,23 @@ def section_kernel_speed(bandwidth: float) -> None:
             seconds = timed(lambda: paged_attention(q, cache, p, d ** -0.5))
             if split == picked:
                 candidates(pa, "decode", f"{batch}x{ctx} block={block} parts={p.max_parts}")
+                engine_plan, engine_seconds = p, seconds
             row("speed", f"decode attn {batch}x{ctx} block={block} gqa={heads // kv_heads} parts={p.max_parts}"
                 + (" (the engine's)" if split == picked else ""), f"{read / seconds / 1e9:.0f} GB/s",
                 f"{read / seconds / bandwidth:.0%} of copy {bandwidth / 1e9:.0f} GB/s; "
                 + target(read / seconds / bandwidth >= 0.85, "target >= 85%"))
+        if hasattr(pa, "FP8"):  # the same reads over an e4m3 cache (--kv-cache-dtype fp8): half the bytes
+            from kernels.reference import quantize_kv
+
+            scales = torch.full((2, kv_heads), 2.0 ** -5, device=DEVICE)
+            fp8 = torch.stack([quantize_kv(cache[i].flatten(0, 1), scales[i]).view(cache[i].shape) for i in range(2)])
+            retune(pa)
+            fp8_seconds = timed(lambda: paged_attention(q, fp8, engine_plan, d ** -0.5, kv_scales=scales))
+            candidates(pa, "decode", f"{batch}x{ctx} block={block} over fp8 KV")
+            row("speed", f"decode attn {batch}x{ctx} block={block} over fp8 KV parts={engine_plan.max_parts}",
+                f"{read / 2 / fp8_seconds / 1e9:.0f} GB/s",
+                f"{read / 2 / fp8_seconds / bandwidth:.0%} of copy; x{engine_seconds / fp8_seconds:.2f} the bf16 "
+                "cache's speed")
         if hasattr(pa, "decode_splits"):  # every split count that changes the parts, for the next heuristic
             sweep: dict[int, float] = {}
             for splits in (1 << i for i in range(pa.MAX_SPLITS.bit_length())):
@@ -323,14 +351,15 @@ def section_engine(bandwidth: float) -> None:
     prompt, steps = size(512, 16), size(40, 3)
     compiled_while_serving: dict[str, int] = {}  # kernel -> variants compiled after an engine's warm-up
 
-    def decode(batch: int, graphs: bool) -> tuple[float, list[list[int]]]:
+    def decode(batch: int, graphs: bool, kv_cache_dtype: str = "auto") -> tuple[float, list[list[int]]]:
         """Seconds per decode step at ``batch`` running sequences, and the tokens they made."""
         t0 = time.perf_counter()
         engine = LLMEngine(loaded.model, cfg, loaded.tokenizer,
                            EngineConfig(max_num_seqs=batch, kv_cache_blocks=batch * 1100 // 16 + 8,
-                                        max_model_len=size(2048, 256), decode_graphs=graphs),
+                                        max_model_len=size(2048, 256), decode_graphs=graphs,
+                                        kv_cache_dtype=kv_cache_dtype),  # type: ignore[arg-type]
                            make_backend("triton", torch.device(DEVICE)))
-        if graphs:
+        if graphs and kv_cache_dtype == "auto":
             captured = engine.graphs is not None and all(
                 b.graph is not None for b in engine.graphs.buckets.values()) or SMOKE
             row("engine", f"capture decode graphs, batch <= {batch}", f"{time.perf_counter() - t0:.1f} s",
@@ -378,6 +407,15 @@ def section_engine(bandwidth: float) -> None:
             f"{graph_s * 1e3:.2f} ms", f"x{graph_s / roofline:.1f} of roofline, x{eager_s / graph_s:.2f} vs eager, "
             f"{same}/{batch} greedy streams identical" + ("" if same == batch else " (FAIL: they must be)")
             + ("; " + target(graph_s / roofline <= 2, "target <= x2") if batch == 64 else ""))
+    # the last batch over an e4m3 cache (--kv-cache-dtype fp8), beside the bf16 cache's graphs above
+    fp8_eager_s, fp8_eager_tokens = decode(batch, graphs=False, kv_cache_dtype="fp8")
+    fp8_graph_s, fp8_graph_tokens = decode(batch, graphs=True, kv_cache_dtype="fp8")
+    same = sum(a == b for a, b in zip(fp8_eager_tokens, fp8_graph_tokens))
+    like_bf16 = sum(a == b for a, b in zip(fp8_graph_tokens, graph_tokens))
+    row("engine", f"decode batch {batch}, ctx ~{prompt + 50}, CUDA graphs, fp8 KV", f"{batch / fp8_graph_s:.0f} tok/s, "
+        f"{fp8_graph_s * 1e3:.2f} ms", f"x{graph_s / fp8_graph_s:.2f} the bf16 cache's speed, "
+        f"{same}/{batch} greedy streams identical to fp8 eager" + ("" if same == batch else " (FAIL: they must be)")
+        + f", {like_bf16}/{batch} to the bf16 cache's")
     row("engine", "kernel variants compiled after warm-up, all runs above", str(sum(compiled_while_serving.values())),
         "OK" if not compiled_while_serving else f"FAIL: {compiled_while_serving}")
 

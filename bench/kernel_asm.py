@@ -25,6 +25,8 @@ H100_SHARED_KIB = 227
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernel_asm")
     parser.add_argument("--kernels-from", help="a folder holding another kernels/ (make gpu-baseline)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: the launches over an e4m3 cache (--kv-cache-dtype fp8)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET"):
         print("kernel_asm: unset TRITON_INTERPRET (the interpreter never compiles)", file=sys.stderr)
@@ -46,15 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     query_lens, context_lens = [1, 1, 512], [600, 300, 512]
     tokens = sum(query_lens)
     q = torch.empty(tokens, s.heads, s.head_dim, dtype=s.dtype)
-    cache = torch.empty(2, s.num_blocks + 1, s.block_size, s.kv_heads, s.head_dim, dtype=s.dtype, device="meta")
+    fp8 = args.kv_cache_dtype == "fp8"
+    cache = torch.empty(2, s.num_blocks + 1, s.block_size, s.kv_heads, s.head_dim,
+                        dtype=torch.float8_e4m3fn if fp8 else s.dtype, device="meta")
+    scales = {"kv_scales": torch.ones(2, s.kv_heads)} if fp8 else {}
     tables = [list(range(-(-c // s.block_size))) for c in context_lens]
     split = {"splits": 4} if hasattr(pa, "decode_splits") else {"partition": 256}  # the API before issue 13
     attn_plan = pa.plan(query_lens, context_lens, tables, s.heads // s.kv_heads, torch.device("cpu"), block_m=128,
                         **split)
     decode, prefill = record(pa._attention_kernel, lambda: record(  # the merge kernel: recorded, not run
-        pa._combine_kernel, lambda: pa.paged_attention(q, cache, attn_plan, 0.1, block_n=64)))
+        pa._combine_kernel, lambda: pa.paged_attention(q, cache, attn_plan, 0.1, block_n=64, **scales)))
     print(f"kernels: {os.path.dirname(pa.__file__)}; triton {triton.__version__}; sm_90; bf16, head dim 128, GQA 4, "
-          f"{s.block_size}-token blocks", flush=True)
+          f"{s.block_size}-token blocks; KV cache {cache.dtype}", flush=True)
     print("\n| launch | BLOCK_N, warps, stages | shared KiB | K/V buffers | cp.async | TMA | wgmma |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for kind, launch, configs in (("decode", decode, pa.DECODE_CONFIGS), ("prefill", prefill, pa.PREFILL_CONFIGS)):

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import FP8, quantize_kv
+
 
 # slots: a view into the step's one upload, at an offset that changes with the batch (and loaded as a scalar)
 @triton.jit(do_not_specialize_on_alignment=["slots"])
@@ -25,8 +27,11 @@ def _kv_store_kernel(K, V, Cache, slots, stride_kt, stride_kh, stride_vt, stride
     tl.store(dst + stride_c_kv, v.to(Cache.dtype.element_ty))
 
 
-def kv_store(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v [tokens, kv_heads, head_dim]; cache [2, blocks, block_size, kv_heads, head_dim]; slots [tokens]."""
+def kv_store(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+             kv_scales: torch.Tensor | None = None) -> None:
+    """k, v [tokens, kv_heads, head_dim]; cache [2, blocks, block_size, kv_heads, head_dim]; slots [tokens].
+    An e4m3 cache needs ``kv_scales`` [2, kv_heads] (K's, V's): k and v are quantized by torch first
+    (``quantize_kv``), then scattered as they are."""
     tokens, kv_heads, head_dim = k.shape
     if v.shape != k.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
@@ -42,6 +47,10 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping
         raise ValueError(f"head_dim {head_dim} must be a power of two")
     if tokens == 0:
         return
+    if cache.dtype == FP8:
+        if kv_scales is None or kv_scales.shape != (2, kv_heads):
+            raise ValueError(f"an FP8 KV cache needs kv_scales of shape (2, {kv_heads})")
+        k, v = quantize_kv(k, kv_scales[0]), quantize_kv(v, kv_scales[1])
     flat = cache.view(2, -1, kv_heads, head_dim)  # [2, slots, kv_heads, head_dim]
     _kv_store_kernel[(tokens, kv_heads)](k, v, flat, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
                                          v.stride(1), flat.stride(0), flat.stride(1), flat.stride(2),

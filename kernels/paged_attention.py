@@ -49,13 +49,17 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .reference import FP8
+
 
 @triton.jit
 def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off_head, d, scale, stride_ckv,
                  stride_cb, stride_cs, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     """Online softmax over keys [lo, hi), BLOCK_N at a time; MASKED: keys past ``kv_hi`` or past a row's
-    ``position`` are hidden (else every key of the span is visible to every row)."""
+    ``position`` are hidden (else every key of the span is visible to every row). KV_FP8: K/V tiles
+    are e4m3, widened to q's type (their scales are applied by the caller: K's in ``scale``, V's to
+    the output)."""
     # Each tile's block numbers are loaded one tile ahead and carried in registers: K/V addresses that
     # come from a load in their own iteration cost Triton's software pipeliner a stage, and on sm_90
     # it then kept one K/V buffer whatever num_stages said (tests/unit/test_kernels_compile.py).
@@ -73,6 +77,9 @@ def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off
         else:
             k = tl.load(Cache + kv_off[:, None] + d[None, :])
             v = tl.load(Cache + stride_ckv + kv_off[:, None] + d[None, :])
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         # Scores in log2 units (scale carries log2(e)): exp2 is the GPU's native exponential. The
         # scale is applied inside the exponent (one multiply-add per score, not a multiply and a
         # subtract); scale > 0, so max(qk) * scale is max(qk * scale) exactly.
@@ -92,25 +99,26 @@ def _attend_span(acc, m_i, l_i, q, Cache, table, lo, hi, kv_hi, position, kv_off
     return acc, m_i, l_i
 
 
-# Index tensors are loaded as scalars or gathers: their alignment buys nothing, and the plan's are views into one
-# upload at offsets that change with the batch.
 @triton.jit
 def _part_length(context_len, splits, min_partition):
     """Keys per part of a row of ``context_len`` keys cut into at most ``splits`` parts (``part_length``)."""
     return tl.cdiv(tl.cdiv(context_len, splits), min_partition) * min_partition
 
 
+# Index tensors are loaded as scalars or gathers: their alignment buys nothing, and the plan's are views into one
+# upload at offsets that change with the batch (kv_scales: read once, a scalar per program).
 @triton.jit(do_not_specialize=["stride_bt", "stride_ps", "stride_ms", "splits", "min_partition"],
             do_not_specialize_on_alignment=["block_tables", "context_lens", "query_lens", "query_starts",
-                                            "qblock_seq", "qblock_first"])
+                                            "qblock_seq", "qblock_first", "kv_scales"])
 def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, context_lens, query_lens, query_starts,
-                      qblock_seq, qblock_first, scale,
+                      qblock_seq, qblock_first, kv_scales, scale, kv_heads,
                       stride_qt, stride_qh, stride_ot, stride_oh,
                       stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt,
                       stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
                       splits, min_partition,
                       GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                      KV_FP8: tl.constexpr):
     kv_head = tl.program_id(0)
     pid = tl.program_id(1)
     part = tl.program_id(2)
@@ -149,10 +157,16 @@ def _attention_kernel(Q, Cache, Out, PartOut, PartM, PartL, block_tables, contex
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     table = block_tables + seq.to(tl.int64) * stride_bt
     kv_off_head = kv_head * stride_ch
+    if KV_FP8:  # kv_scales [2, kv_heads]: K's scale goes into the scores' scale, V's onto the output
+        scale = scale * tl.load(kv_scales + kv_head)
     acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, Cache, table, kv_lo, full_hi, kv_hi, position, kv_off_head, d,
-                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, False, PRECISION)
+                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, False, PRECISION,
+                                 KV_FP8)
     acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, Cache, table, full_hi, kv_hi, kv_hi, position, kv_off_head, d,
-                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, True, PRECISION)
+                                 scale, stride_ckv, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, True, PRECISION,
+                                 KV_FP8)
+    if KV_FP8:
+        acc = acc * tl.load(kv_scales + kv_heads + kv_head)
 
     if num_parts == 1:  # the whole context in one part: normalise and store
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -223,11 +237,11 @@ def _tuned(kind: str) -> Any:
     def bench(kernel_call: Any, quantiles: Any) -> Any:  # 5 + 25 ms per candidate: start-up stays short
         return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
-    return triton.autotune(configs, key=["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM"], do_bench=bench)(
+    return triton.autotune(configs, key=["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM", "KV_FP8"], do_bench=bench)(
         _attention_kernel)
 
 
-_PICKED: dict[tuple[Any, ...], Any] = {}  # (kind, group, tile rows, block size, head dim, dtype) -> Config
+_PICKED: dict[tuple[Any, ...], Any] = {}  # (kind, group, tile rows, block size, head dim, dtypes) -> Config
 
 
 MIN_PARTITION = 256  # keys per part at least: shorter parts cost more in scratch traffic and merging than they gain
@@ -368,17 +382,24 @@ def decode_buffers(rows: int, max_blocks: int, max_context: int, splits: int, de
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: AttentionPlan, scale: float,
-                    out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, block_n: int | None = None,
+                    kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q [tokens, heads, head_dim]; kv_cache [2, blocks, block_size, kv_heads, head_dim] -> [tokens, heads, head_dim].
-    ``block_n``: keys per tile, fixed (else autotuned on CUDA, 64 elsewhere)."""
+    ``block_n``: keys per tile, fixed (else autotuned on CUDA, 64 elsewhere). An e4m3 cache (``FP8``)
+    needs ``kv_scales``, float32 [2, kv_heads]: K's and V's scale per KV head."""
     tokens, heads, head_dim = q.shape
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
         raise ValueError(f"kv_cache {tuple(kv_cache.shape)} is not [2, blocks, block, kv_heads, {head_dim}]")
     kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
-    if q.dtype != kv_cache.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q ({q.dtype}) and the cache ({kv_cache.dtype}) must share a float dtype")
+    fp8 = kv_cache.dtype == FP8
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or (q.dtype != kv_cache.dtype and not fp8):
+        raise ValueError(f"q ({q.dtype}) and the cache ({kv_cache.dtype}) must share a float dtype, or the "
+                         f"cache be {FP8}")
+    if fp8 and (kv_scales is None or kv_scales.shape != (2, kv_cache.shape[3]) or kv_scales.dtype != torch.float32
+                or not kv_scales.is_contiguous()):
+        raise ValueError(f"an {FP8} cache needs kv_scales, contiguous float32 [2, {kv_cache.shape[3]}]")
     if q.stride(-1) != 1 or not kv_cache.is_contiguous():
         raise ValueError("q needs a contiguous last dimension and the cache must be contiguous")
     if head_dim & (head_dim - 1) or head_dim < 16:
@@ -401,16 +422,16 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, attn_plan: Attentio
         part_strides = (launch.programs * heads * head_dim, heads * head_dim, head_dim, launch.programs * heads, heads)
         args = (q, kv_cache, out, part, part_m, part_l, attn_plan.block_tables, attn_plan.context_lens,
                 attn_plan.query_lens, attn_plan.query_starts, launch.qblock_seq, launch.qblock_first,
-                scale * LOG2E,
+                kv_scales if fp8 else kv_cache, scale * LOG2E, kv_heads,
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                 attn_plan.block_tables.stride(0), *part_strides, launch.splits, launch.min_partition)
         block_m = max(16, triton.next_power_of_2(launch.block_q * group))  # tl.dot needs >= 16 rows
         meta = dict(GROUP=group, BLOCK_Q=launch.block_q, BLOCK_M=block_m, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: no TF32
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=fp8)  # fp32: no TF32
         grid = (kv_heads, launch.programs, parts)
         if tune:
-            key = (launch.kind, group, block_m, block_size, head_dim, q.dtype)
+            key = (launch.kind, group, block_m, block_size, head_dim, q.dtype, kv_cache.dtype)
             picked = _PICKED.get(key)
             if picked is None:  # first time: the autotuner times its candidates, then launches the best
                 tuner = _tuned(launch.kind)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import attend, gather_kv, paged_attention_reference, store_kv
+from kernels.reference import FP8, attend, gather_kv, paged_attention_reference, store_kv
 
 
 @dataclass
@@ -66,21 +66,28 @@ class AttentionBackend(Protocol):
         ...
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """Store k/v at their slots, attend; q [tokens, heads, dim] -> [tokens, heads, dim]."""
+                meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        """Store k/v at their slots, attend; q [tokens, heads, dim] -> [tokens, heads, dim]. An e4m3
+        cache comes with ``kv_scales``, float32 [2, kv_heads] (K's and V's per KV head)."""
         ...
 
 
-def reference_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def reference_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                        kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """The oracle: one sequence at a time, float32 inside (``kernels/reference.py``)."""
-    return paged_attention_reference(q, kv_cache, meta.query_lens, meta.context_lens, meta.block_tables, scale)
+    return paged_attention_reference(q, kv_cache, meta.query_lens, meta.context_lens, meta.block_tables, scale,
+                                     kv_scales)
 
 
 def batched_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, bucket: DecodeBucket,
-                             scale: float) -> torch.Tensor:
+                             scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Decode rows (one query each) in one call: K/V gathered into a padded batch, lengths masked.
     q [n, heads, dim] -> [n, heads, dim]."""
     kv = kv_cache[:, bucket.tables].flatten(2, 3)  # [2, n, max_ctx, kv_heads, dim]
+    if kv.dtype == FP8:
+        if kv_scales is None:
+            raise ValueError("an FP8 KV cache needs kv_scales")
+        kv = kv.float() * kv_scales[:, None, None, :, None]
     o = F.scaled_dot_product_attention(q.unsqueeze(2).float(), kv[0].transpose(1, 2).float(),  # q [n, heads, 1, dim]
                                        kv[1].transpose(1, 2).float(), attn_mask=bucket.mask, scale=scale,
                                        enable_gqa=True)
@@ -118,18 +125,18 @@ class TorchAttention:
         return []  # torch ops: nothing to compile
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+                meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        store_kv(k, v, kv_cache, meta.slot_mapping, kv_scales)
         if sum(1 for n in meta.query_lens if n == 1) < 2:
-            return reference_attention(q, kv_cache, meta, scale)
+            return reference_attention(q, kv_cache, meta, scale, kv_scales)
         self.plan(meta, q.shape[1], kv_cache.shape[3], q.device)
         out = torch.empty_like(q)
         for bucket in meta.plan:
-            out[bucket.rows] = batched_decode_attention(q[bucket.rows], kv_cache, bucket, scale)
+            out[bucket.rows] = batched_decode_attention(q[bucket.rows], kv_cache, bucket, scale, kv_scales)
         starts = meta.query_starts
         for i, (query_len, context_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
             if query_len > 1:
-                k_i, v_i = gather_kv(kv_cache, meta.block_tables[i], context_len)
+                k_i, v_i = gather_kv(kv_cache, meta.block_tables[i], context_len, kv_scales, q.dtype)
                 out[starts[i]:starts[i] + query_len] = attend(q[starts[i]:starts[i] + query_len], k_i, v_i, scale)
         return out
 
@@ -193,10 +200,10 @@ class TritonAttention:
         return [([chunk], [chunk]), ([1] * max_num_seqs, [context] * max_num_seqs), ([1], [context])]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        self._store(k, v, kv_cache, meta.slot_mapping)
+                meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        self._store(k, v, kv_cache, meta.slot_mapping, kv_scales)
         self.plan(meta, q.shape[1], kv_cache.shape[3], q.device)
-        return self._attention.paged_attention(q, kv_cache, meta.plan, scale)
+        return self._attention.paged_attention(q, kv_cache, meta.plan, scale, kv_scales=kv_scales)
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:

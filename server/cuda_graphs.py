@@ -54,10 +54,11 @@ class _Bucket:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv_caches: list[torch.Tensor], backend: AttentionBackend,
-                 block_size: int, max_model_len: int, max_num_seqs: int, pad_block: int, capture: bool = True):
+                 block_size: int, max_model_len: int, max_num_seqs: int, pad_block: int, capture: bool = True,
+                 kv_scales: list[torch.Tensor] | None = None):
         if not isinstance(backend, TritonAttention):
             raise ValueError("decode graphs need the Triton backend")
-        self.model, self.kv_caches, self.backend = model, kv_caches, backend
+        self.model, self.kv_caches, self.backend, self.kv_scales = model, kv_caches, backend, kv_scales
         self.block_size, self.pad_block, self.capture = block_size, pad_block, capture
         self.width = -(-max_model_len // block_size)  # blocks in the longest context
         cfg = model.cfg
@@ -110,7 +111,7 @@ class DecodeGraphs:
 
     def _forward_static(self, bucket: _Bucket) -> torch.Tensor:
         out: torch.Tensor = self.model(bucket.longs[0], bucket.longs[1], self.kv_caches, bucket.meta, self.backend,
-                                       self._rows[bucket.size])
+                                       self._rows[bucket.size], self.kv_scales)
         return out
 
     def _fill(self, bucket: _Bucket, tokens: list[int], positions: list[int], slots: list[int],

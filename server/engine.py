@@ -7,11 +7,14 @@ finished sequences are released.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
 
 import torch
+
+from kernels.reference import FP8, FP8_MAX
 
 from .attention import AttentionBackend, AttentionMetadata, TorchAttention
 from .batcher import Batcher, Scheduled
@@ -34,6 +37,21 @@ class StepOutput:
     finish_reason: str | None = None
 
 
+KV_CALIBRATION_TOKENS = 512  # the prefill that sets an e4m3 cache's scales
+
+
+class _KVRange(TorchAttention):
+    """The torch backend, recording per call (one per layer) each KV head's largest |K| and |V|."""
+
+    def __init__(self) -> None:
+        self.amax: list[torch.Tensor] = []
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        self.amax.append(torch.stack([k.abs().amax(dim=(0, 2)), v.abs().amax(dim=(0, 2))]).float())
+        return super().forward(q, k, v, kv_cache, meta, scale, kv_scales)
+
+
 class LLMEngine:
     def __init__(self, model: LlamaModel, cfg: ModelConfig, tokenizer: Decoder, config: EngineConfig,
                  backend: AttentionBackend | None = None, model_id: str = ""):
@@ -46,11 +64,19 @@ class LLMEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
+        self.kv_dtype = FP8 if config.kv_cache_dtype == "fp8" else self.dtype
+        # e4m3 caches: per layer, float32 [2, kv_heads] (K's and V's scales), calibrated once; they
+        # decide the tokens, so they are part of the model id (nodes steal only from their like)
+        self.kv_scales: list[torch.Tensor] | None = None
+        if self.kv_dtype == FP8:
+            self.kv_scales = self._calibrate_kv_scales()
+            exponents = torch.stack(self.kv_scales).log2().round().int().flatten().tolist()
+            self.model_id = hashlib.blake2b(f"{model_id}:kv-fp8:{exponents}".encode(), digest_size=8).hexdigest()
         num_blocks = config.kv_cache_blocks or self._blocks_from_memory()
         # [layers] x [2, num_blocks + 1, block_size, kv_heads, head_dim]; the last block is never
         # handed out: padded rows of a decode graph write their K/V there
         self.kv_caches = [torch.zeros(2, num_blocks + 1, config.block_size, cfg.num_kv_heads, cfg.head_dim,
-                                      dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+                                      dtype=self.kv_dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.batcher = Batcher(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -72,7 +98,7 @@ class LLMEngine:
 
     def _blocks_from_memory(self) -> int:
         cfg, block = self.cfg, self.config.block_size
-        bytes_per_block = 2 * cfg.num_layers * block * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        bytes_per_block = 2 * cfg.num_layers * block * cfg.num_kv_heads * cfg.head_dim * self.kv_dtype.itemsize
         if self.config.kv_cache_memory_gib:
             budget = self.config.kv_cache_memory_gib * (1 << 30)
         elif self.device.type == "cuda":
@@ -146,17 +172,41 @@ class LLMEngine:
                        torch.tensor([c - q + i for q, c in zip(query_lens, context_lens) for i in range(q)],
                                     dtype=torch.long, device=self.device),
                        self.kv_caches, meta, self.backend,
-                       torch.tensor([tokens - 1], dtype=torch.long, device=self.device))
+                       torch.tensor([tokens - 1], dtype=torch.long, device=self.device), self.kv_scales)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info("engine warm-up (kernel compilation and tuning) took %.1f s", time.perf_counter() - started)
 
     # ---- internals ----
 
+    def _calibrate_kv_scales(self) -> list[torch.Tensor]:
+        """Scales of an e4m3 KV cache, per layer float32 [2, kv_heads]: one prefill of
+        ``KV_CALIBRATION_TOKENS`` fixed pseudo-random tokens through the model, K/V in a scratch
+        cache of the model's dtype, records each (layer, K or V, KV head)'s largest magnitude; its
+        scale is the power of two that brings it to at most half of e4m3's 448 (headroom for larger
+        values, which saturate). Powers of two: dequantizing is exact, and a node that measures a
+        hair differently lands on the same scales (and model id) unless it is at a boundary."""
+        cfg, bs = self.cfg, self.config.block_size
+        n = max(2, min(KV_CALIBRATION_TOKENS, self.max_model_len))
+        blocks = -(-n // bs)
+        scratch = [torch.zeros(2, blocks, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
+                   for _ in range(cfg.num_layers)]
+        ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+        meta = AttentionMetadata([n], [n], [list(range(blocks))], torch.arange(n, device=self.device), bs)
+        recorder = _KVRange()
+        self.model(ids.to(self.device), torch.arange(n, device=self.device), scratch, meta, recorder,
+                   torch.tensor([n - 1], device=self.device))
+        amax = torch.stack(recorder.amax)  # [layers, 2, kv_heads]
+        scales = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=1e-30) / (FP8_MAX / 2))))
+        log.info("KV cache in e4m3: scales calibrated on %d tokens (powers of two from 2^%d to 2^%d)", n,
+                 int(scales.log2().min()), int(scales.log2().max()))
+        return list(scales.unbind(0))
+
     def _decode_runner(self, num_blocks: int) -> DecodeGraphs:
         capture = self.config.decode_graphs and self.device.type == "cuda"
         graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, self.config.block_size,
-                              self.max_model_len, self.config.max_num_seqs, pad_block=num_blocks, capture=capture)
+                              self.max_model_len, self.config.max_num_seqs, pad_block=num_blocks, capture=capture,
+                              kv_scales=self.kv_scales)
         try:
             graphs.warm_up_and_capture(num_blocks)
         except Exception:  # e.g. an op that cannot be captured: launch eagerly (same plan, same tokens)
@@ -191,7 +241,7 @@ class LLMEngine:
                                                             len(logit_rows)])
         meta = AttentionMetadata(query_lens=[item.num_tokens for item in batch], context_lens=context_lens,
                                  block_tables=tables, slot_mapping=slot_mapping, block_size=bs)
-        logits: torch.Tensor = self.model(ids, pos, self.kv_caches, meta, self.backend, rows)
+        logits: torch.Tensor = self.model(ids, pos, self.kv_caches, meta, self.backend, rows, self.kv_scales)
         return logits
 
     def _postprocess(self, sampling: list[Sequence], tokens: list[int]) -> list[StepOutput]:

@@ -14,6 +14,7 @@ on any device); on CUDA ``kv_cache_memory_fraction`` of the free memory; on CPU 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .errors import EngineConfigError
 
@@ -46,6 +47,10 @@ class EngineConfig:
                 "for the KV cache"})
     max_model_len: int = field(default=0, metadata={
         "flag": "--max-model-len", "help": "longest prompt + output (default 0: the model's own, capped at 8192)"})
+    kv_cache_dtype: Literal["auto", "fp8"] = field(default="auto", metadata={
+        "flag": "--kv-cache-dtype",
+        "help": "auto: the model's dtype; fp8: e4m3 with a scale per layer, K or V and KV head, from a "
+                "calibration pass at start (half the bytes of bf16; see docs/benchmarks.md for its accuracy)"})
     enable_prefix_caching: bool = field(default=True, metadata={
         "flag": "--enable-prefix-caching", "help": "share the KV blocks of common prompt prefixes"})
     decode_graphs: bool = field(default=False, metadata={
@@ -60,3 +65,4 @@ class EngineConfig:
         _check(0 <= self.kv_cache_memory_gib <= 1 << 20, "kv cache memory GiB must be in 0..1048576 (0 = automatic)")
         _check(0 < self.kv_cache_memory_fraction <= 0.95, "kv cache memory fraction must be in (0, 0.95]")
         _check(self.max_model_len >= 0, "max model len must be >= 0 (0 = the model's own)")
+        _check(self.kv_cache_dtype in ("auto", "fp8"), f"kv cache dtype must be auto or fp8, got {self.kv_cache_dtype!r}")

@@ -66,7 +66,7 @@ class Attention(nn.Module):
         self.ops: FusedOps | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
         q = q.reshape(tokens, self.cfg.num_heads, self.cfg.head_dim)  # [tokens, heads, dim]
@@ -76,7 +76,7 @@ class Attention(nn.Module):
             self.ops.rotary(q, k, positions, self.rope.cos, self.rope.sin, self.rope.interleaved)  # in place
         else:
             q, k = self.rope(positions, q, k)
-        o = backend.forward(q, k, v, kv_cache, meta, self.scale)  # [tokens, heads, dim]
+        o = backend.forward(q, k, v, kv_cache, meta, self.scale, kv_scales)  # [tokens, heads, dim]
         out: torch.Tensor = self.o_proj(o.reshape(tokens, self.cfg.q_size))
         return out
 
@@ -106,8 +106,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
+                backend: AttentionBackend, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend, kv_scales)
         h, x = self.post_attention_layernorm.add_forward(attn, x)  # x += attn; h = norm(x)
         out: torch.Tensor = x + self.mlp(h)
         return out
@@ -186,13 +186,15 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, backend: AttentionBackend, logit_rows: torch.Tensor) -> torch.Tensor:
-        """token_ids, positions: [tokens]; logit_rows: [n] rows whose logits to return -> [n, vocab] float32."""
+                meta: AttentionMetadata, backend: AttentionBackend, logit_rows: torch.Tensor,
+                kv_scales: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """token_ids, positions: [tokens]; logit_rows: [n] rows whose logits to return -> [n, vocab] float32.
+        ``kv_scales``: per layer, float32 [2, kv_heads], with e4m3 caches (``kernels.reference.FP8``)."""
         if backend.fused_ops != self.fused:
             self.use_fused_ops(backend.fused_ops)
         x = self.model.embed_tokens(token_ids)  # [tokens, hidden]
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta, backend)
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
+            x = layer(x, positions, kv_cache, meta, backend, kv_scales[i] if kv_scales is not None else None)
         x = self.model.norm(x[logit_rows])  # [n, hidden]
         logits: torch.Tensor = self.lm_head(x).float()
         return logits

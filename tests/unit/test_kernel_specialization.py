@@ -33,7 +33,7 @@ from server.sampling import SamplingParams  # noqa: E402
 
 # Floats (scale, eps) are listed for completeness: Triton never specializes them.
 ALLOWED = {
-    "_attention_kernel": {"Q", "Cache", "Out", "PartOut", "PartM", "PartL", "scale",
+    "_attention_kernel": {"Q", "Cache", "Out", "PartOut", "PartM", "PartL", "scale", "kv_heads",
                           "stride_qt", "stride_qh", "stride_ot", "stride_oh",  # model shape (explicit strides)
                           "stride_ckv", "stride_cb", "stride_cs", "stride_ch",  # cache layout
                           "stride_pt", "stride_ph", "stride_mt"},  # heads x head_dim
@@ -122,17 +122,18 @@ def record_launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[tuple[Any,
     return keys
 
 
-def test_serving_launches_no_variant_that_warm_up_did_not():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_serving_launches_no_variant_that_warm_up_did_not(kv_cache_dtype):
     """The tiny model through the Triton kernels (the interpreter on CPU): warm-up, then a workload
     that varies what varies while serving: batch sizes 1-4, prompts from one token to 16 blocks,
     chunked prefill beside decodes, prefix-cache hits, split and unsplit decode rows, block tables
     1 to 17 blocks wide (ints of 1 and of 16 are the values Triton would specialize on), greedy
-    and seeded rows."""
+    and seeded rows; over a cache in the model's dtype and over an e4m3 one."""
     tiny = load("tiny", "float32", "cpu")
     backend = TritonAttention(min_partition=16)  # parts of 16 keys: tiny contexts split too
     engine = LLMEngine(tiny.model, tiny.config, tiny.tokenizer,
                        EngineConfig(kv_cache_blocks=64, block_size=8, max_num_seqs=4, max_num_batched_tokens=32,
-                                    max_model_len=136), backend=backend)
+                                    max_model_len=136, kv_cache_dtype=kv_cache_dtype), backend=backend)
     with pytest.MonkeyPatch.context() as patch:
         keys = record_launches(patch)
         engine.warm_up(context=136)

@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 
 from kernels.kv_store import kv_store  # noqa: E402
 from kernels.paged_attention import paged_attention, plan  # noqa: E402
-from kernels.reference import paged_attention_reference, rms_norm_reference, store_kv  # noqa: E402
+from kernels.reference import FP8, FP8_MAX, paged_attention_reference, quantize_kv, rms_norm_reference, store_kv  # noqa: E402,E501
 from kernels.rms_norm import rms_norm  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -277,4 +277,49 @@ def test_the_cuda_autotuners_build_with_their_candidates():
     for kind, candidates in (("decode", DECODE_CONFIGS), ("prefill", PREFILL_CONFIGS)):
         tuner = _tuned(kind)
         assert [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuner.configs] == candidates
-        assert tuner.keys == ["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM"]
+        assert tuner.keys == ["GROUP", "BLOCK_M", "BLOCK_SIZE", "HEAD_DIM", "KV_FP8"]
+
+
+def fp8_batch(seed: int, query_lens: list[int], context_lens: list[int], kv_heads: int, group: int,
+              dtype: torch.dtype):
+    """A random batch over an e4m3 cache: the 16-bit cache quantized with per-head scales of
+    different sizes (values spread over e4m3's range, none saturated)."""
+    q, cache, tables = random_batch(seed, query_lens, context_lens, kv_heads, group, 32, 8, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    scales = (torch.rand(2, kv_heads, generator=gen) * 0.05 + 0.005).to(DEVICE)
+    quantized = torch.stack([quantize_kv(cache[i].flatten(0, 1), scales[i]).view(cache[i].shape) for i in range(2)])
+    return q, quantized, scales, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_paged_attention_over_an_fp8_cache_matches_the_reference_on_its_dequantized_values(dtype, splits):
+    """K/V tiles widened from e4m3 in the kernel, K's scale in the scores, V's on the output (and on
+    each part of a split row): the same as attending over the dequantized cache."""
+    query_lens, context_lens = [3, 1, 20, 1, 1], [3, 40, 29, 16, 70]
+    q, cache, scales, tables = fp8_batch(21 + splits, query_lens, context_lens, 2, 4, dtype)
+    assert cache.dtype == FP8
+    expected = paged_attention_reference(q.float(), cache, query_lens, context_lens, tables, 0.3, kv_scales=scales)
+    out = torch.full_like(q, float("nan"))
+    attn_plan = plan(query_lens, context_lens, tables, 4, q.device, splits=splits, min_partition=16, block_m=16)
+    paged_attention(q, cache, attn_plan, 0.3, out=out, block_n=16, kv_scales=scales)
+    assert not torch.isnan(out).any()
+    assert (out.float() - expected).abs().max().item() < TOL[dtype]
+    with pytest.raises(ValueError, match="kv_scales"):
+        paged_attention(q, cache, attn_plan, 0.3, block_n=16)
+
+
+def test_kv_store_into_an_fp8_cache_writes_the_references_bytes():
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.zeros(2, 6, 4, 2, 16, dtype=FP8, device=DEVICE)
+    expected = cache.clone()
+    slots = torch.tensor([0, 5, 6, 23, 11], device=DEVICE)
+    k = (torch.randn(5, 2, 16, generator=gen) * 3).to(torch.float16).to(DEVICE)
+    v = (torch.randn(5, 2, 16, generator=gen) * 900).to(torch.float16).to(DEVICE)  # beyond 448: saturated
+    scales = torch.tensor([[0.5, 0.02], [1.0, 1.0]], device=DEVICE)
+    kv_store(k, v, cache, slots, scales)
+    store_kv(k, v, expected, slots, scales)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+    assert cache[1].float().abs().max().item() == FP8_MAX  # saturated, not NaN
+    with pytest.raises(ValueError, match="kv_scales"):
+        kv_store(k, v, cache, slots)

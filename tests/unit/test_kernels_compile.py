@@ -22,12 +22,14 @@ Compiled (each case also checks the shared memory against an H100's 227 KiB per 
 config over it compiles but fails to load):
   - model shapes: llama-3-8b (bf16, head_dim 128, group 4, block 16, hidden 4096; i32 cache strides),
     qwen2.5-0.5b (fp16, head_dim 64, group 7, block 32, hidden 896; heads not a multiple of 16),
-    tiny (fp32 as tests/gpu serves it, head_dim 16, group 2; a cache past 2**31 elements: i64 strides);
+    tiny (fp32 as tests/gpu serves it, head_dim 16, group 2; a cache past 2**31 elements: i64 strides),
+    llama-3-8b-fp8kv (llama-3-8b over an e4m3 cache, --kv-cache-dtype fp8);
   - per shape: kv_store, rotary, rms_norm (ADD=False), add_rms_norm (ADD=True), silu_and_mul, the
     merge of a split decode row (_combine_kernel), and the attention kernel's decode (BLOCK_Q 1,
     BLOCK_M 16) and prefill (BLOCK_M 128, plan's CUDA default) launches;
-  - the attention kernel: every autotune candidate (DECODE_CONFIGS, PREFILL_CONFIGS) on llama-3-8b,
-    whose head_dim 128 needs the most shared memory; the first candidate of each on the other shapes.
+  - the attention kernel: every autotune candidate (DECODE_CONFIGS, PREFILL_CONFIGS) on llama-3-8b and
+    llama-3-8b-fp8kv, whose head_dim 128 needs the most shared memory; the first candidate of each on
+    the other shapes.
 _attend_span and _part_length are device functions: compiled inside the kernels that call them.
 """
 
@@ -83,11 +85,16 @@ class Shape:
     kv_heads: int
     head_dim: int
     block_size: int
+    kv_dtype: torch.dtype | None = None  # the KV cache's (None: the model's); float8_e4m3fn: --kv-cache-dtype fp8
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.dtype
 
     @property
     def num_blocks(self) -> int:
         """KV blocks an H200 holds for this model, as the engine sizes them from memory."""
-        per_block = self.layers * 2 * self.block_size * self.kv_heads * self.head_dim * self.dtype.itemsize
+        per_block = self.layers * 2 * self.block_size * self.kv_heads * self.head_dim * self.cache_dtype.itemsize
         return KV_CACHE_BYTES // per_block
 
 
@@ -95,6 +102,7 @@ SHAPES = {
     "llama-3-8b": Shape(torch.bfloat16, 4096, 14336, 32, 32, 8, 128, 16),
     "qwen2.5-0.5b": Shape(torch.float16, 896, 4864, 24, 14, 2, 64, 32),
     "tiny": Shape(torch.float32, 64, 128, 2, 4, 2, 16, 16),
+    "llama-3-8b-fp8kv": Shape(torch.bfloat16, 4096, 14336, 32, 32, 8, 128, 16, torch.float8_e4m3fn),
 }
 # launch -> the kernel it runs; "decode" and "prefill" are the attention kernel's two launches
 LAUNCHED_KERNEL = {"decode": "_attention_kernel", "prefill": "_attention_kernel", "combine": "_combine_kernel",
@@ -122,7 +130,8 @@ def cases() -> list[Case]:
     found = []
     for shape in SHAPES:
         for kind, configs in (("decode", DECODE_CONFIGS), ("prefill", PREFILL_CONFIGS)):
-            found += [Case(shape, kind, config) for config in (configs if shape == "llama-3-8b" else configs[:1])]
+            every = shape.startswith("llama-3-8b")
+            found += [Case(shape, kind, config) for config in (configs if every else configs[:1])]
         found += [Case(shape, launch) for launch in LAUNCHED_KERNEL if launch not in ("decode", "prefill")]
     return found
 
@@ -169,7 +178,9 @@ def serving_launches(s: Shape) -> dict[str, Launch]:
     cos = torch.empty(8192, s.head_dim // 2, dtype=torch.float32)  # RotaryEmbedding's tables
     sin = torch.empty_like(cos)
     # [2, blocks, block_size, kv_heads, head_dim]: no memory on the meta device, real strides
-    cache = torch.empty(2, s.num_blocks + 1, s.block_size, s.kv_heads, s.head_dim, dtype=s.dtype, device="meta")
+    cache = torch.empty(2, s.num_blocks + 1, s.block_size, s.kv_heads, s.head_dim, dtype=s.cache_dtype,
+                        device="meta")
+    kv_scales = torch.ones(2, s.kv_heads) if s.kv_dtype is not None else None
     tables = [list(range(-(-c // s.block_size))) for c in context_lens]
     # block_m: plan's default on CUDA; up to 4 parts of >= 256 keys, so the 600-key decode row is split and merged
     attn_plan = paged_attention.plan(query_lens, context_lens, tables, s.heads // s.kv_heads, torch.device("cpu"),
@@ -179,12 +190,13 @@ def serving_launches(s: Shape) -> dict[str, Launch]:
         "add_rms_norm": record(rms_norm._rms_norm_kernel, lambda: rms_norm.add_rms_norm(x, residual, weight, 1e-5)),
         "silu_and_mul": record(activation._silu_and_mul_kernel, lambda: activation.silu_and_mul(gate_up)),
         "rotary": record(rotary._rotary_kernel, lambda: rotary.rotary_embedding(q, k, positions, cos, sin)),
-        "kv_store": record(kv_store._kv_store_kernel, lambda: kv_store.kv_store(k, v, cache, slots)),
+        "kv_store": record(kv_store._kv_store_kernel, lambda: kv_store.kv_store(k, v, cache, slots, kv_scales)),
     }
     combine: list[Launch] = []
     attend = record(paged_attention._attention_kernel, lambda: combine.extend(record(
         paged_attention._combine_kernel,
-        lambda: paged_attention.paged_attention(q, cache, attn_plan, s.head_dim ** -0.5, block_n=64))))
+        lambda: paged_attention.paged_attention(q, cache, attn_plan, s.head_dim ** -0.5, block_n=64,
+                                                kv_scales=kv_scales))))
     launches.update(decode=attend[:1], prefill=attend[1:], combine=combine)
     assert {name: len(found) for name, found in launches.items()} == {name: 1 for name in launches}
     assert attend[0].kwargs["BLOCK_Q"] == 1 and attend[1].kwargs["BLOCK_M"] == 128
