@@ -478,6 +478,13 @@ def main(argv: list[str] | None = None) -> int:
         ("cluster", section_cluster)]
     if args.speed_only:
         sections = sections[2:3]
+    def save() -> None:  # after every section: a run cut short by the device's time limit keeps its rows
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as fh:
+            kernels = sys.modules.get("kernels")  # which kernels/ ran (the "before" child's is checked)
+            where = os.path.dirname(kernels.__file__ or "") if kernels else None
+            json.dump({"device": name, "rows": ROWS, "kernels": where}, fh, indent=1)
+
     for title, fn in sections:
         t0 = time.perf_counter()
         try:
@@ -486,15 +493,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             row(title, "section failed", type(exc).__name__, f"FAIL: {str(exc)[:80]}")
         print(f"  ({title}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        save()
     print("\n| section | measurement | value | reference / verdict |\n| --- | --- | ---: | --- |")
     for r in ROWS:
         print(f"| {' | '.join(r)} |")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as fh:
-        kernels = sys.modules.get("kernels")  # which kernels/ ran (the "before" child's is checked)
-        where = os.path.dirname(kernels.__file__ or "") if kernels else None
-        json.dump({"device": name, "rows": ROWS, "kernels": where}, fh, indent=1)
     return 0 if not any("FAIL" in r[3] for r in ROWS) else 1
 
 
