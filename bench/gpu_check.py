@@ -154,10 +154,10 @@ def section_correctness() -> None:
                 f"max err {err:.1e}",
                 "OK (tol 2e-2)" if ok else "FAIL")
         # over an e4m3 cache (--kv-cache-dtype fp8): against the reference on the dequantized values
-        from kernels.reference import FP8, quantize_kv
+        from kernels.reference import FP8, quantize_cache
 
         scales = torch.full((2, kv_heads), 2.0 ** -5, device=DEVICE)  # randn * 2^5: within e4m3's range
-        fp8 = torch.stack([quantize_kv(cache[i].flatten(0, 1), scales[i]).view(cache[i].shape) for i in range(2)])
+        fp8 = quantize_cache(cache, scales)
         assert fp8.dtype == FP8
         expected = paged_attention_reference(q.float(), fp8, query_lens, context_lens, tables, head_dim ** -0.5,
                                              kv_scales=scales)
@@ -266,10 +266,10 @@ def section_kernel_speed(bandwidth: float) -> None:
                 f"{read / seconds / bandwidth:.0%} of copy {bandwidth / 1e9:.0f} GB/s; "
                 + target(read / seconds / bandwidth >= 0.85, "target >= 85%"))
         if hasattr(pa, "FP8"):  # the same reads over an e4m3 cache (--kv-cache-dtype fp8): half the bytes
-            from kernels.reference import quantize_kv
+            from kernels.reference import quantize_cache
 
             scales = torch.full((2, kv_heads), 2.0 ** -5, device=DEVICE)
-            fp8 = torch.stack([quantize_kv(cache[i].flatten(0, 1), scales[i]).view(cache[i].shape) for i in range(2)])
+            fp8 = quantize_cache(cache, scales)
             retune(pa)
             fp8_seconds = timed(lambda: paged_attention(q, fp8, engine_plan, d ** -0.5, kv_scales=scales))
             candidates(pa, "decode", f"{batch}x{ctx} block={block} over fp8 KV")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 H100_SHARED_KIB = 227
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import triton
 
-    from tests.unit.test_kernels_compile import SHAPES, compile_for_sm90, record, sm90_toolchain_missing
+    from tests.unit.test_kernels_compile import SHAPES, compile_for_sm90, kv_buffers, record, sm90_toolchain_missing
 
     missing = sm90_toolchain_missing()
     if missing:
@@ -69,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         for block_n, warps, stages in configs:
             compiled = compile_for_sm90(launch, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
             ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
-            tile = rf"local_alloc[^\n]*-> !ttg\.memdesc<(\d+)x{block_n}x{s.head_dim}x"
-            buffers = max((int(n) for n in re.findall(tile, ttgir)), default=0)
+            buffers = kv_buffers(ttgir, block_n, s.head_dim)
             shared = compiled.metadata.shared // 1024
             print(f"| {kind} | {block_n}, {warps}, {stages} | {shared}{' (over)' if shared > H100_SHARED_KIB else ''} "
                   f"| {buffers} | {ptx.count('cp.async.cg')} | {ptx.count('cp.async.bulk.tensor')} "

@@ -17,10 +17,15 @@ FP8_MAX = 448.0  # e4m3's largest finite value
 
 
 def quantize_kv(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [tokens, kv_heads, head_dim] / scales [kv_heads] -> e4m3, rounded to nearest even, saturated
+    """x [..., kv_heads, head_dim] / scales [kv_heads] -> e4m3, rounded to nearest even, saturated
     at +-448 (torch's cast would make NaN of what lies beyond). The kernels call this too: Triton's
     interpreter rounds float-to-e4m3 wrongly where rounding carries into the exponent."""
     return (x.float() / scales[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quantize_cache(kv_cache: torch.Tensor, kv_scales: torch.Tensor) -> torch.Tensor:
+    """A whole cache [2, blocks, block_size, kv_heads, head_dim] in e4m3, K and V with their scales [2, kv_heads]."""
+    return torch.stack([quantize_kv(kv_cache[i], kv_scales[i]) for i in range(2)])
 
 
 def dequantize_kv(kv: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

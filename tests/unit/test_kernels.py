@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 
 from kernels.kv_store import kv_store  # noqa: E402
 from kernels.paged_attention import paged_attention, plan  # noqa: E402
-from kernels.reference import FP8, FP8_MAX, paged_attention_reference, quantize_kv, rms_norm_reference, store_kv  # noqa: E402,E501
+from kernels.reference import FP8, FP8_MAX, paged_attention_reference, quantize_cache, rms_norm_reference, store_kv  # noqa: E402,E501
 from kernels.rms_norm import rms_norm  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -287,7 +287,7 @@ def fp8_batch(seed: int, query_lens: list[int], context_lens: list[int], kv_head
     q, cache, tables = random_batch(seed, query_lens, context_lens, kv_heads, group, 32, 8, dtype)
     gen = torch.Generator().manual_seed(seed)
     scales = (torch.rand(2, kv_heads, generator=gen) * 0.05 + 0.005).to(DEVICE)
-    quantized = torch.stack([quantize_kv(cache[i].flatten(0, 1), scales[i]).view(cache[i].shape) for i in range(2)])
+    quantized = quantize_cache(cache, scales)
     return q, quantized, scales, tables
 
 

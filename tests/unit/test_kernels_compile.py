@@ -232,15 +232,13 @@ def compile_for_sm90(launch: Launch, **overrides: Any) -> Any:
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
-def kv_buffers(ttgir: str, case: Case) -> int:
+def kv_buffers(ttgir: str, block_n: int, head_dim: int) -> int:
     """How many K/V tiles the software pipeline keeps in shared memory: the leading dimension of the
-    [buffers, BLOCK_N, head_dim] allocations in the TTGIR (0 for other kernels)."""
+    [buffers, BLOCK_N, head_dim] allocations in the TTGIR (0 where there are none)."""
     import re
 
-    if case.config is None:
-        return 0
-    tile = f"{case.config[0]}x{SHAPES[case.shape].head_dim}x"
-    return max((int(n) for n in re.findall(r"local_alloc[^\n]*-> !ttg\.memdesc<(\d+)x" + tile, ttgir)), default=0)
+    tile = rf"local_alloc[^\n]*-> !ttg\.memdesc<(\d+)x{block_n}x{head_dim}x"
+    return max((int(n) for n in re.findall(tile, ttgir)), default=0)
 
 
 def compile_cases(found: list[Case]) -> dict[str, Any]:
@@ -264,7 +262,8 @@ def compile_cases(found: list[Case]) -> dict[str, Any]:
             ptx = compiled.asm["ptx"]
             results[case.id] = {"cubin": "cubin" in compiled.asm, "shared": compiled.metadata.shared, "error": None,
                                 "async_copies": ptx.count("cp.async.cg"), "wgmma": ptx.count("wgmma.mma_async"),
-                                "kv_buffers": kv_buffers(compiled.asm["ttgir"], case)}
+                                "kv_buffers": kv_buffers(compiled.asm["ttgir"], case.config[0],
+                                                         SHAPES[case.shape].head_dim) if case.config else 0}
         except Exception:  # noqa: BLE001 (whatever the compiler raises is the report)
             results[case.id] = {"cubin": False, "shared": 0, "error": traceback.format_exc(limit=-3)}
     return results
